@@ -1,0 +1,40 @@
+"""``torch._foreach_copy_``: one multi-tensor-apply launch for dense pairs of one dtype and matching strides;
+torch itself falls back to one copy per pair for the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from copytune.kernels.base import Params, as_plan
+from copytune.plan import CopyPlan
+
+
+class TorchForeach:
+    name = "torch_foreach"
+
+    def available(self, device) -> str | None:
+        return None if hasattr(torch, "_foreach_copy_") else f"torch {torch.__version__} has no _foreach_copy_"
+
+    def supports(self, plan: CopyPlan) -> bool:
+        return True
+
+    def candidates(self, plan: CopyPlan) -> list[Params]:
+        return [{}]
+
+    def bind(self, plan: CopyPlan, params: Params | None = None):
+        dsts = [d for _, d in plan.pairs]
+        bound = [s for s, _ in plan.pairs]
+
+        def launch(srcs: Sequence[torch.Tensor] | None = None) -> None:
+            if dsts:
+                torch._foreach_copy_(dsts, bound if srcs is None else list(srcs))
+
+        return launch
+
+    def copy(self, plan_or_pairs, params: Params | None = None) -> None:
+        self.bind(as_plan(plan_or_pairs))()
+
+
+STRATEGY = TorchForeach()

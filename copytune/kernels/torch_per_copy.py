@@ -1,0 +1,40 @@
+"""The baseline: one ``dst.copy_(src)`` per pair. Always available, supports every layout and dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from copytune.kernels.base import Params, as_plan
+from copytune.plan import CopyPlan
+
+
+class TorchPerCopy:
+    name = "torch_per_copy"
+
+    def available(self, device) -> str | None:
+        return None
+
+    def supports(self, plan: CopyPlan) -> bool:
+        return True
+
+    def candidates(self, plan: CopyPlan) -> list[Params]:
+        return [{}]
+
+    def bind(self, plan: CopyPlan, params: Params | None = None):
+        dsts = [d for _, d in plan.pairs]
+        bound = [s for s, _ in plan.pairs]
+
+        def launch(srcs: Sequence[torch.Tensor] | None = None) -> None:
+            for s, d in zip(bound if srcs is None else srcs, dsts):
+                d.copy_(s)
+
+        return launch
+
+    def copy(self, plan_or_pairs, params: Params | None = None) -> None:
+        for s, d in as_plan(plan_or_pairs).pairs:
+            d.copy_(s)
+
+
+STRATEGY = TorchPerCopy()

@@ -1,0 +1,162 @@
+"""Pieces both Triton strategies share: the descriptor layout they pass as scalar arguments, slot selection and
+the copy of one tile.
+
+A copy is described in *units* (1, 2, 4 or 8 bytes, the widest that divides every address, row length and row
+stride of the launch): ``n`` units in rows of ``cols`` units, rows ``ss``/``ds`` units apart. Copying units instead
+of elements makes every dtype (bf16, fp8, bool, int64, ...) a raw, bit-exact byte copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import triton
+import triton.language as tl
+
+from copytune.plan import CopyDesc, CopyPlan
+
+SLOTS = 8  # copies per launch: 6 scalar args each; the published fused kernel's limit, chunked beyond it
+FIELDS = 6  # src, dst, n, cols, ss, ds
+UNIT_TYPES = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
+def unit_of(descs: list[CopyDesc]) -> int:
+    return min(min(d.align for d in descs), 8)
+
+
+def slot_fields(d: CopyDesc, unit: int) -> tuple[int, int, int, int, int, int]:
+    cols = d.row_bytes // unit
+    return d.src, d.dst, d.rows * cols, cols, d.src_row_stride // unit, d.dst_row_stride // unit
+
+
+def chunks(plan: CopyPlan) -> Iterator[list[int]]:
+    """Indices of non-empty copies, SLOTS at a time; empty copies need no launch at all."""
+    live = [i for i, d in enumerate(plan.descs) if d.nbytes]
+    for start in range(0, len(live), SLOTS):
+        yield live[start:start + SLOTS]
+
+
+def check_rowwise(name: str, plan: CopyPlan) -> None:
+    from copytune.kernels.base import UnsupportedPlan  # noqa: PLC0415
+
+    bad = plan.first_non_rowwise()
+    if bad is not None:
+        src, dst = plan.pairs[bad]
+        raise UnsupportedPlan(
+            f"{name} needs copies that reduce to at most 2 dims with a contiguous inner dim; pair {bad} has shape "
+            f"{tuple(dst.shape)}, source strides {src.stride()}, destination strides {dst.stride()}")
+
+
+@triton.jit
+def pick8(c, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Slot ``c``'s value among eight scalar arguments (a select chain: no descriptor table in memory)."""
+    r = tl.where(c == 1, a1, a0)
+    r = tl.where(c == 2, a2, r)
+    r = tl.where(c == 3, a3, r)
+    r = tl.where(c == 4, a4, r)
+    r = tl.where(c == 5, a5, r)
+    r = tl.where(c == 6, a6, r)
+    r = tl.where(c == 7, a7, r)
+    return r
+
+
+@triton.jit
+def copy_tile(src, dst, n, cols, ss, ds, start, UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy units [start, start + BLOCK) of one copy; 1-row copies skip the row/column division."""
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    if cols == n:
+        s_off = offs
+        d_off = offs
+    else:
+        row = offs // cols
+        col = offs - row * cols
+        s_off = row * ss + col
+        d_off = row * ds + col
+    vals = tl.load(src.to(tl.pointer_type(UNIT)) + s_off, mask=mask)
+    tl.store(dst.to(tl.pointer_type(UNIT)) + d_off, vals, mask=mask)
+
+
+class TritonStrategy:
+    """Shared launch logic of the Triton strategies: chunking, unit choice, binding, rebinding to new sources.
+
+    A subclass gives its ``kernel``, ``defaults`` and ``layout()``: the grid and scalar arguments of one chunk.
+    """
+
+    name = "triton"
+    kernel = None
+    defaults: dict = {}
+    search: list[dict] = []
+
+    def __init__(self):
+        from copytune.kernels.triton_launch import TritonLauncher  # noqa: PLC0415
+
+        self.launcher = TritonLauncher(self.kernel)
+
+    def available(self, device) -> str | None:
+        import torch  # noqa: PLC0415
+
+        from copytune.kernels.base import as_device  # noqa: PLC0415
+        from copytune.kernels.triton_launch import interpreting  # noqa: PLC0415
+
+        device = as_device(device)
+        if interpreting(self.kernel):
+            return None if device.type == "cpu" else "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
+        if device.type != "cuda":
+            return f"Triton needs a CUDA device or TRITON_INTERPRET=1 for {device.type} tensors"
+        return None if torch.cuda.is_available() else "no CUDA device visible to torch"
+
+    def supports(self, plan: CopyPlan) -> bool:
+        return plan.first_non_rowwise() is None and (plan.device is None or self.available(plan.device) is None)
+
+    def candidates(self, plan: CopyPlan) -> list[dict]:
+        return [dict(self.defaults)] + [dict(p) for p in self.search if p != self.defaults]
+
+    def layout(self, descs: list[CopyDesc], unit: int, params: dict, device) -> tuple:
+        """(grid, args, src_arg_positions) for one chunk of at most SLOTS copies."""
+        raise NotImplementedError
+
+    def bind(self, plan: CopyPlan, params: dict | None = None):
+        check_rowwise(self.name, plan)
+        params = {**self.defaults, **(params or {})}
+        launches = []
+        for idx in chunks(plan):
+            descs = [plan.descs[i] for i in idx]
+            unit = unit_of(descs)
+            grid, args, src_pos = self.layout(descs, unit, params, plan.device)
+            constexprs = {"UNIT": UNIT_TYPES[unit], "BLOCK": params["block"]}
+            go = self.launcher.bind(plan.device, grid, constexprs, params["num_warps"], args)
+            launches.append((go, tuple(args), tuple(zip(src_pos, idx)), unit - 1))
+        return BoundTriton(self, plan, params, launches)
+
+    def copy(self, plan_or_pairs, params: dict | None = None) -> None:
+        from copytune.kernels.base import as_plan  # noqa: PLC0415
+
+        self.bind(as_plan(plan_or_pairs), params)()
+
+
+class BoundTriton:
+    """A plan bound to compiled launches; ``(srcs)`` swaps in new source addresses, nothing else per call."""
+
+    __slots__ = ("strategy", "plan", "params", "launches")
+
+    def __init__(self, strategy: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
+        self.strategy, self.plan, self.params, self.launches = strategy, plan, params, launches
+
+    def __call__(self, srcs=None) -> None:
+        if srcs is None:
+            for go, args, _, _ in self.launches:
+                go(args)
+            return
+        for go, args, slots, mask in self.launches:
+            args = list(args)
+            for pos, i in slots:
+                ptr = srcs[i].data_ptr()
+                if ptr & mask:  # the kernel's unit no longer divides the address: describe the batch anew
+                    return self._rebind(srcs)
+                args[pos] = ptr
+            go(args)
+
+    def _rebind(self, srcs) -> None:
+        pairs = [(s, d) for s, (_, d) in zip(srcs, self.plan.pairs)]
+        self.strategy.copy(pairs, self.params)
