@@ -1,0 +1,3 @@
+from copytune.cli import main
+
+main()
