@@ -1,9 +1,11 @@
 """copytune: autotuned dispatch of batched small GPU copies (one tuned launch instead of many ``copy_`` calls)."""
 
-from copytune.dispatch import batched_copy, default_strategy
+__version__ = "0.1.0"  # before the imports: signature.py reads it
+
+from copytune.dispatch import BoundCopy, Dispatcher, batched_copy, default_strategy
 from copytune.kernels import Strategy, get_strategy, strategies
 from copytune.plan import CopyPlan
 
-__version__ = "0.1.0"
-
-__all__ = ["CopyPlan", "Strategy", "batched_copy", "default_strategy", "get_strategy", "strategies"]
+__all__ = [
+    "BoundCopy", "CopyPlan", "Dispatcher", "Strategy", "batched_copy", "default_strategy", "get_strategy", "strategies",
+]

@@ -36,9 +36,42 @@ def info(device: str | None) -> None:
         click.echo(f"  {strategy_name:<18} {'available' if reason is None else 'unavailable: ' + reason}")
 
 
+cache_option = click.option(
+    "--cache", "cache_path", type=click.Path(dir_okay=False), default=None, envvar="COPYTUNE_CACHE",
+    help="SQLite cache file (default: $COPYTUNE_CACHE or ~/.cache/copytune/cache.db).")
+
+
+@main.command()
+@cache_option
+def show(cache_path: str | None) -> None:
+    """Table of cached winners: signature in words, mode, winner, its time, per-copy torch time, speedup.
+
+    Example: copytune show --cache ./fleet.db
+    """
+    from copytune.cache.store import Store
+    from copytune.signature import describe_signature
+
+    store = Store(cache_path)
+    rows = store.rows()
+    if store.disabled:
+        raise click.ClickException(f"cannot read the cache: {store.disabled}")
+    if not rows:
+        click.echo(f"no tuned entries in {store.path}")
+        return
+    header = f"{'device':<24} {'signature':<52} {'mode':<6} {'winner':<18} {'µs':>8} {'torch µs':>9} {'speedup':>8}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in sorted(rows, key=lambda r: (r["device"].get("name", r["device"].get("kind", "")), r["mode"],
+                                        describe_signature(r["signature"]))):
+        device = str(r["device"].get("name") or r["device"].get("kind"))[:24]
+        speedup = r["baseline_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
+        click.echo(f"{device:<24} {describe_signature(r['signature'])[:52]:<52} {r['mode']:<6} {r['strategy']:<18} "
+                   f"{r['time_us']:8.2f} {r['baseline_us']:9.2f} {speedup:7.2f}×")
+
+
 def _triton_version() -> str:
     try:
-        import triton  # noqa: PLC0415
+        import triton
     except ImportError:
         return "not installed"
     return triton.__version__

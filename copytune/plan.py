@@ -175,7 +175,7 @@ def _check_overlaps(pairs, extents) -> None:
         spans.append((de[0], de[1], i, "destination"))
         spans.append((se[0], se[1], i, "source"))
     spans.sort()
-    for a, (lo, hi, i, role) in enumerate(spans):
+    for a, (_, hi, i, role) in enumerate(spans):
         for lo2, _, j, role2 in spans[a + 1:]:
             if lo2 >= hi:
                 break

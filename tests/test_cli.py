@@ -1,5 +1,7 @@
+import torch
 from click.testing import CliRunner
 
+from copytune import Dispatcher, get_strategy
 from copytune.cli import main
 
 
@@ -16,3 +18,25 @@ def test_info_bad_device_is_one_line_error():
     result = CliRunner().invoke(main, ["info", "--device", "nonsense"])
     assert result.exit_code == 1
     assert result.output.startswith("Error:") and "Traceback" not in result.output
+
+
+def test_show_lists_tuned_winners_with_speedup(tmp_path):
+    path = tmp_path / "c.db"
+    d = Dispatcher(path, pool={n: get_strategy(n) for n in ("torch_per_copy", "torch_foreach")})
+    buf = torch.zeros(64, 128, dtype=torch.int32)
+    d.copy([(torch.ones(20, dtype=torch.int32), torch.zeros(20, dtype=torch.int32)),
+            (torch.ones(20, 100, dtype=torch.int32), buf[:20, :100])])
+    result = CliRunner().invoke(main, ["show", "--cache", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:4] == ["device", "signature", "mode", "winner"]
+    assert "2 copies: 1d[≤32]×4B, 2d[≤32×128]×4B" in lines[2] and " eager " in lines[2] and lines[2].endswith("×")
+
+
+def test_show_empty_and_broken_caches(tmp_path):
+    result = CliRunner().invoke(main, ["show", "--cache", str(tmp_path / "none.db")])
+    assert result.exit_code == 0 and "no tuned entries" in result.output
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"nope" * 100)
+    result = CliRunner().invoke(main, ["show", "--cache", str(bad)])
+    assert result.exit_code == 1 and result.output.startswith("Error: cannot read the cache")

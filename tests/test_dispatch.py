@@ -1,8 +1,14 @@
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
-from copytune import CopyPlan, batched_copy, default_strategy, get_strategy, strategies
-from tests.cases import random_case
+from copytune import CopyPlan, Dispatcher, batched_copy, default_strategy, get_strategy, strategies
+from copytune.cache.store import Store
+from copytune.kernels import UnsupportedPlan
+from tests.cases import random_case, random_fill
 
 
 def test_registry_lists_the_designed_strategies():
@@ -11,14 +17,114 @@ def test_registry_lists_the_designed_strategies():
         get_strategy("nope")
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_batched_copy_matches_copy(seed, device):
+def torch_only_pool():
+    return {n: get_strategy(n) for n in ("torch_per_copy", "torch_foreach")}
+
+
+def make_dispatcher(tmp_path, **kw):
+    kw.setdefault("pool", torch_only_pool())
+    return Dispatcher(tmp_path / "cache.db", **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_copy_matches_copy_(seed, device, tmp_path):
     case = random_case(seed, device, max_copies=8, max_elems=3000)
     expected = case.expected()
-    batched_copy(case.pairs)
+    make_dispatcher(tmp_path).copy(case.pairs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     case.check(expected)
+
+
+def pairs_of(bs):
+    return [(torch.arange(bs, dtype=torch.int32), torch.zeros(bs, dtype=torch.int32)),
+            (torch.ones(bs, 7, dtype=torch.int32), torch.zeros(bs, 16, dtype=torch.int32)[:, :7])]
+
+
+def test_tunes_once_then_memory_then_cache(tmp_path, monkeypatch):
+    from copytune import tuner
+
+    calls = []
+    real = tuner.tune
+    monkeypatch.setattr(tuner, "tune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = make_dispatcher(tmp_path)
+    d.copy(pairs_of(100))
+    d.copy(pairs_of(120))  # same bucket: memory
+    assert len(calls) == 1
+    plan = CopyPlan.from_pairs(pairs_of(100))
+    assert d.choose(plan).origin == "tuned"
+    fresh = make_dispatcher(tmp_path)  # new process, same file: read, not re-tuned
+    assert fresh.choose(plan).origin == "cache" and len(calls) == 1
+    row = Store(tmp_path / "cache.db").get(d.key(plan))
+    assert row["strategy"] == d.winner(pairs_of(100)) and row["baseline_us"] > 0
+    assert {t["strategy"] for t in row["timings"]} == {"torch_per_copy", "torch_foreach"}
+
+
+def test_tune_false_uses_the_default(tmp_path):
+    d = make_dispatcher(tmp_path, tune=False)
+    plan = CopyPlan.from_pairs(pairs_of(4))
+    assert d.choose(plan) .origin == "default" and d.winner(plan) == default_strategy(plan)
+    assert Store(tmp_path / "cache.db").rows() == []
+
+
+def test_unusable_cached_winner_is_ignored(tmp_path):
+    d = make_dispatcher(tmp_path)
+    plan = CopyPlan.from_pairs(pairs_of(4))
+    d.copy(plan)
+    store = Store(tmp_path / "cache.db")
+    row = store.get(d.key(plan))
+    store.put({**row, "strategy": "retired_strategy"})
+    with pytest.warns(RuntimeWarning, match="retired_strategy"):
+        assert make_dispatcher(tmp_path, tune=False).choose(plan).origin == "default"
+
+
+def test_corrupt_cache_still_copies_and_keeps_the_file(tmp_path):
+    path = tmp_path / "cache.db"
+    path.write_bytes(b"\x00garbage" * 100)
+    d = Dispatcher(path, pool=torch_only_pool())
+    src, dst = torch.arange(10), torch.zeros(10, dtype=torch.int64)
+    with pytest.warns(RuntimeWarning, match="cache disabled"):
+        d.copy([(src, dst)])
+    assert torch.equal(src, dst) and path.read_bytes() == b"\x00garbage" * 100
+
+
+def test_unwritable_cache_works_in_memory():
+    d = Dispatcher("/proc/copytune-test/cache.db", pool=torch_only_pool())
+    src, dst = torch.arange(10), torch.zeros(10, dtype=torch.int64)
+    with pytest.warns(RuntimeWarning, match="cache disabled"):
+        d.copy([(src, dst)])
+    assert torch.equal(src, dst) and d.choose(CopyPlan.from_pairs([(src, dst)])).origin == "tuned"
+
+
+def test_bound_copy_runs_on_new_sources_and_checks_them(tmp_path, device):
+    buf = random_fill(torch.empty(8, 16, dtype=torch.int32, device=device))
+    cu = random_fill(torch.empty(9, dtype=torch.int32, device=device))
+    pairs = [(random_fill(torch.empty(8, 7, dtype=torch.int32, device=device)), buf[:, :7]),
+             (random_fill(torch.empty(8, dtype=torch.int32, device=device)), cu[1:])]
+    bound = make_dispatcher(tmp_path).bind(pairs)
+    bound.run()
+    new = [random_fill(torch.empty_like(s)) for s, _ in pairs]
+    bound.run(new)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(buf[:, :7], new[0]) and torch.equal(cu[1:], new[1])
+    with pytest.raises(ValueError, match="pair 1: source .* does not match"):
+        bound.run([new[0], new[1][:4]])
+    with pytest.raises(ValueError, match="pair 1: source overlaps the destination of pair 1"):
+        bound.run([new[0], cu[:8]])
+    with pytest.raises(ValueError, match="expected 2 sources"):
+        bound.run(new[:1])
+
+
+def test_batched_copy_uses_the_process_dispatcher(monkeypatch, tmp_path):
+    monkeypatch.setenv("COPYTUNE_CACHE", str(tmp_path / "default.db"))
+    from copytune import dispatch
+
+    monkeypatch.setattr(dispatch, "_default", {})
+    src, dst = torch.arange(6), torch.zeros(6, dtype=torch.int64)
+    batched_copy([(src, dst)])
+    assert torch.equal(src, dst)
+    assert dispatch.default_dispatcher().store.path == tmp_path / "default.db"
 
 
 def test_default_on_cpu_is_a_torch_strategy():
@@ -26,7 +132,49 @@ def test_default_on_cpu_is_a_torch_strategy():
     assert default_strategy(plan) in ("torch_foreach", "torch_per_copy")
 
 
+def test_strategy_failure_falls_back_to_torch(tmp_path, monkeypatch):
+    d = make_dispatcher(tmp_path, tune=False)
+    src, dst = torch.arange(5), torch.zeros(5, dtype=torch.int64)
+    strategy = get_strategy(d.winner([(src, dst)]))
+    assert strategy.name == "torch_foreach"
+
+    def refuse(*a, **k):
+        raise UnsupportedPlan("no")
+    monkeypatch.setattr(strategy, "copy", refuse)
+    src2 = torch.arange(5) * 3
+    d.copy([(src2, dst)])
+    assert torch.equal(dst, src2)
+
+
 @pytest.mark.cuda
 def test_default_on_cuda_is_the_fused_kernel():
     plan = CopyPlan.from_pairs([(torch.ones(3, device="cuda"), torch.zeros(3, device="cuda"))])
     assert default_strategy(plan) == "triton_unified"
+
+
+CONCURRENT = textwrap.dedent("""
+    import sys, warnings, torch
+    from copytune import Dispatcher, get_strategy
+    pool = {n: get_strategy(n) for n in ("torch_per_copy", "torch_foreach")}
+    d = Dispatcher(sys.argv[1], pool=pool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a locked database would surface as a warning: fail loudly instead
+        for bs in (3, 40, 700):
+            src = torch.arange(bs, dtype=torch.int32)
+            dst = torch.zeros(bs, dtype=torch.int32)
+            d.copy([(src, dst), (src.clone(), torch.zeros(bs, dtype=torch.int32))])
+            assert torch.equal(src, dst)
+    print("ok")
+""")
+
+
+def test_eight_processes_tuning_the_same_keys(tmp_path):
+    path = tmp_path / "shared.db"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "ok", err
+        assert "locked" not in err
+    rows = Store(path).rows()
+    assert len(rows) == 3 and len({r["key"] for r in rows}) == 3

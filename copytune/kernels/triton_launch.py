@@ -43,7 +43,7 @@ def _compile(fn, device: torch.device, grid3, args, num_warps: int, constexprs: 
 
 def _direct_forms(ck) -> list[Callable[..., None]]:
     """Call forms of ``CompiledKernel.run`` known from Triton 3.2–3.9, most likely first."""
-    from triton import knobs  # noqa: PLC0415 - only Triton >= 3.4 has knobs; older ones fail the probe
+    from triton import knobs
 
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     run, fn, meta = ck.run, ck.function, ck.packed_metadata
@@ -110,6 +110,7 @@ class TritonLauncher:
         params = inspect.signature(fn.fn).parameters.values()
         self.constexpr_names = [p.name for p in params if "constexpr" in str(p.annotation)]
         self._compiled: dict[tuple, object] = {}
+        self._bound: dict[tuple, Callable] = {}  # one launcher closure per (device, warps, constexprs, grid)
 
     def launch(self, device: torch.device, grid: Sequence[int], args: Sequence[int], constexprs: dict,
                num_warps: int) -> None:
@@ -125,10 +126,17 @@ class TritonLauncher:
         grid3 = (tuple(grid) + (1, 1))[:3]
         if interpreting(fn) or device.type != "cuda":
             return lambda args: fn[grid3](*args, num_warps=num_warps, **constexprs)
-        key = (device.index, num_warps, cvals)
-        ck = self._compiled.get(key)
+        key = (device.index, num_warps, cvals, grid3)
+        go = self._bound.get(key)
+        if go is None:
+            go = self._bound[key] = self._make(fn, device, grid3, constexprs, cvals, num_warps, example_args)
+        return go
+
+    def _make(self, fn, device, grid3, constexprs, cvals, num_warps, example_args):
+        ck_key = (device.index, num_warps, cvals)
+        ck = self._compiled.get(ck_key)
         if ck is None:
-            ck = self._compiled[key] = _compile(fn, device, grid3, example_args, num_warps, constexprs)
+            ck = self._compiled[ck_key] = _compile(fn, device, grid3, example_args, num_warps, constexprs)
         form = _probe_direct(device)
         if form < 0:
             return lambda args: _normal_launch(fn, device, grid3, args, num_warps, constexprs)

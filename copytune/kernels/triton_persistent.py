@@ -60,7 +60,8 @@ class TritonPersistent(TritonStrategy):
     name = "triton_persistent"
     kernel = _persistent_kernel
     defaults = {"block": 1024, "num_warps": 4, "programs_per_sm": 4}
-    search = [{"block": 2048, "num_warps": 8, "programs_per_sm": 2}, {"block": 512, "num_warps": 4, "programs_per_sm": 8}]
+    search = [{"block": 2048, "num_warps": 8, "programs_per_sm": 2},
+              {"block": 512, "num_warps": 4, "programs_per_sm": 8}]
 
     def layout(self, descs, unit, params, device):
         args = [0] * (SLOTS * FIELDS)

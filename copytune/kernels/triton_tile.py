@@ -37,7 +37,7 @@ def chunks(plan: CopyPlan) -> Iterator[list[int]]:
 
 
 def check_rowwise(name: str, plan: CopyPlan) -> None:
-    from copytune.kernels.base import UnsupportedPlan  # noqa: PLC0415
+    from copytune.kernels.base import UnsupportedPlan
 
     bad = plan.first_non_rowwise()
     if bad is not None:
@@ -89,15 +89,15 @@ class TritonStrategy:
     search: list[dict] = []
 
     def __init__(self):
-        from copytune.kernels.triton_launch import TritonLauncher  # noqa: PLC0415
+        from copytune.kernels.triton_launch import TritonLauncher
 
         self.launcher = TritonLauncher(self.kernel)
 
     def available(self, device) -> str | None:
-        import torch  # noqa: PLC0415
+        import torch
 
-        from copytune.kernels.base import as_device  # noqa: PLC0415
-        from copytune.kernels.triton_launch import interpreting  # noqa: PLC0415
+        from copytune.kernels.base import as_device
+        from copytune.kernels.triton_launch import interpreting
 
         device = as_device(device)
         if interpreting(self.kernel):
@@ -130,7 +130,7 @@ class TritonStrategy:
         return BoundTriton(self, plan, params, launches)
 
     def copy(self, plan_or_pairs, params: dict | None = None) -> None:
-        from copytune.kernels.base import as_plan  # noqa: PLC0415
+        from copytune.kernels.base import as_plan
 
         self.bind(as_plan(plan_or_pairs), params)()
 
@@ -138,7 +138,7 @@ class TritonStrategy:
 class BoundTriton:
     """A plan bound to compiled launches; ``(srcs)`` swaps in new source addresses, nothing else per call."""
 
-    __slots__ = ("strategy", "plan", "params", "launches")
+    __slots__ = ("launches", "params", "plan", "strategy")
 
     def __init__(self, strategy: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
         self.strategy, self.plan, self.params, self.launches = strategy, plan, params, launches

@@ -5,7 +5,7 @@ import torch
 
 from copytune import CopyPlan, get_strategy
 from copytune.kernels import UnsupportedPlan
-from tests.cases import LAYOUTS, DTYPES, Case, check_bound_sources, check_strategy, random_case, random_fill
+from tests.cases import DTYPES, LAYOUTS, Case, check_bound_sources, check_strategy, random_case, random_fill
 
 ROWWISE = LAYOUTS  # every generated layout reduces to rows of contiguous bytes
 

@@ -1,0 +1,1 @@
+"""Persistence of tuned winners: the SQLite store (and, later, export/import bundles)."""

@@ -1,0 +1,191 @@
+"""Timing every usable strategy on a batch the way its call site runs, and picking the fastest exact one.
+
+Candidates run on scratch buffers with the batch's geometry and address alignment (the caller's tensors are never
+written), on several rotating source sets so caches do not flatter. Each is checked bit-exact against
+``dst.copy_(src)`` on poisoned destinations with guard bytes around them, then timed:
+
+- ``eager``: wall time per call over N back-to-back calls and one synchronize (CPU launch cost counts);
+- ``graph``: K calls captured in a CUDA graph, replayed, timed with CUDA events (GPU time only).
+
+A candidate that raises or copies wrong bytes scores infinity and is recorded with its reason, never fatal.
+The timer is an argument, so the logic is tested on CPU with scripted timings.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from copytune.kernels import Strategy, get_strategy, strategies
+from copytune.plan import MAX_ALIGN, CopyPlan
+
+BASELINE = "torch_per_copy"
+Timer = Callable[[Callable[[int], None], str, torch.device], float]  # (step(i), mode, device) -> µs per step
+
+
+@dataclass
+class Timing:
+    strategy: str
+    params: dict
+    time_us: float | None = None
+    reason: str | None = None  # why it was skipped or excluded
+
+    def as_json(self) -> dict:
+        return {"strategy": self.strategy, "params": self.params, "time_us": self.time_us, "reason": self.reason}
+
+
+@dataclass
+class TuneResult:
+    strategy: str
+    params: dict
+    time_us: float
+    baseline_us: float
+    timings: list[Timing] = field(default_factory=list)
+
+
+def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | None = None,
+         timer: Timer | None = None, sets: int = 3) -> TuneResult:
+    """Time each available candidate on ``plan``'s geometry and return the fastest bit-exact one.
+
+    ``pool`` is the strategies to try (default: every registered one); the baseline ``torch_per_copy`` is always
+    timed too, as the reference for the speedup.
+    """
+    device = plan.device or torch.device("cpu")
+    timer = timer or default_timer
+    pool = dict(pool if pool is not None else strategies())
+    pool.setdefault(BASELINE, get_strategy(BASELINE))
+    scratch = Scratch(plan, sets)
+    timings: list[Timing] = []
+    for name, strategy in pool.items():
+        reason = strategy.available(device) or (None if strategy.supports(plan) else "does not support this batch")
+        if reason:
+            timings.append(Timing(name, {}, reason=reason))
+            continue
+        for params in strategy.candidates(plan):
+            timings.append(_measure(strategy, params, scratch, mode, timer, device))
+    ok = [t for t in timings if t.time_us is not None]
+    best = min(ok, key=lambda t: t.time_us)
+    base = next((t.time_us for t in ok if t.strategy == BASELINE), math.nan)
+    return TuneResult(best.strategy, best.params, best.time_us, base, timings)
+
+
+def _measure(strategy, params: dict, scratch: Scratch, mode: str, timer: Timer, device) -> Timing:
+    try:
+        launch = strategy.bind(scratch.plan, params)  # compiles here
+        for i in range(scratch.sets):
+            expected = scratch.poison(i)
+            launch(scratch.srcs[i])
+            _sync(device)
+            bad = scratch.mismatch(expected)
+            if bad is not None:
+                raise AssertionError(f"wrong bytes in pair {bad}")
+        time_us = timer(lambda i: launch(scratch.srcs[i % scratch.sets]), mode, device)
+        return Timing(strategy.name, params, time_us=float(time_us))
+    except Exception as exc:  # noqa: BLE001 - any failure excludes the candidate
+        reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"copytune: {strategy.name} {params} excluded: {reason}", RuntimeWarning, stacklevel=3)
+        return Timing(strategy.name, params, reason=reason)
+
+
+class Scratch:
+    """Buffers shaped like the plan's (same strides, same address alignment mod 16) with guard bytes around
+    them, and ``sets`` random source sets. The caller's tensors are only read for their geometry."""
+
+    GUARD = 64
+
+    def __init__(self, plan: CopyPlan, sets: int):
+        self.sets = sets
+        bufs_views = [self._alloc_like(d) for _, d in plan.pairs]
+        self.dst_bufs = [b for b, _ in bufs_views]
+        self.dsts = [v for _, v in bufs_views]
+        self.srcs = [[_random_fill(self._alloc_like(s)[1]) for s, _ in plan.pairs] for _ in range(sets)]
+        self.plan = CopyPlan.from_pairs(list(zip(self.srcs[0], self.dsts)))
+
+    def _alloc_like(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        span = _span_bytes(t)
+        raw = torch.empty(span + 2 * self.GUARD + MAX_ALIGN, dtype=torch.uint8, device=t.device)
+        start = self.GUARD + (t.data_ptr() - raw.data_ptr() - self.GUARD) % MAX_ALIGN
+        typed = raw[start:start + span].view(t.dtype)
+        return raw, torch.as_strided(typed, tuple(t.shape), tuple(t.stride()))
+
+    def poison(self, i: int) -> list[torch.Tensor]:
+        """Fill every destination buffer with random bytes; return each as ``copy_`` from set ``i`` leaves it."""
+        expected = []
+        for buf, d, s in zip(self.dst_bufs, self.dsts, self.srcs[i]):
+            _random_fill(buf)
+            ref = buf.clone()
+            start = d.data_ptr() - buf.data_ptr()
+            typed = ref[start:start + _span_bytes(d)].view(d.dtype)
+            torch.as_strided(typed, tuple(d.shape), tuple(d.stride())).copy_(s)
+            expected.append(ref)
+        return expected
+
+    def mismatch(self, expected: list[torch.Tensor]) -> int | None:
+        return next((j for j, (b, e) in enumerate(zip(self.dst_bufs, expected)) if not torch.equal(b, e)), None)
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
+
+
+def _random_fill(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return t
+    if t.dtype == torch.bool:
+        return t.copy_(torch.randint(0, 2, t.shape, device=t.device).bool())
+    raw = torch.randint(0, 256, (t.numel() * t.element_size(),), dtype=torch.uint8, device=t.device)
+    return t.copy_(raw.view(t.dtype).view(t.shape))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_timer(step: Callable[[int], None], mode: str, device: torch.device, calls: int = 100,
+                  repeats: int = 5) -> float:
+    """Median µs per step: CUDA-graph replay for ``graph`` on a GPU, else wall time incl. CPU launch cost."""
+    if mode == "graph" and device.type == "cuda":
+        return _graph_time(step, device, calls, repeats)
+    for i in range(3):
+        step(i)
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(calls):
+            step(i)
+        _sync(device)
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(out)
+
+
+def _graph_time(step, device, calls: int, repeats: int, per_graph: int = 20) -> float:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            step(i)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(per_graph):
+            step(i)
+    graph.replay()
+    replays = max(1, calls // per_graph)
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e3 / (replays * per_graph))
+    return statistics.median(out)

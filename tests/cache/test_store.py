@@ -1,0 +1,110 @@
+"""The winner cache: round trip, and every kind of bad file degrading to memory without touching the file."""
+
+import sqlite3
+import warnings
+
+import pytest
+
+from copytune.cache.store import SCHEMA_VERSION, Store
+
+
+def row(key="k1", strategy="torch_foreach", time_us=2.0):
+    return {"key": key, "device": {"kind": "cpu"}, "signature": [[4, "1d", 1, 8, 16]], "mode": "eager",
+            "strategy": strategy, "params": {"block": 1024}, "time_us": time_us, "baseline_us": 8.0,
+            "timings": [{"strategy": strategy, "time_us": time_us}], "tuned_at": "2026-11-25T00:00:00+00:00",
+            "copytune_version": "0.1.0"}
+
+
+def test_round_trip_and_upsert(tmp_path):
+    store = Store(tmp_path / "c.db")
+    assert store.get("k1") is None
+    store.put(row())
+    store.put(row(time_us=1.5))
+    got = store.get("k1")
+    assert got["params"] == {"block": 1024} and got["time_us"] == 1.5 and got["device"] == {"kind": "cpu"}
+    assert len(store.rows()) == 1
+    assert store.delete() == 1 and store.rows() == []
+
+
+def test_wal_and_schema_version(tmp_path):
+    Store(tmp_path / "c.db").put(row())
+    conn = sqlite3.connect(tmp_path / "c.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_default_path_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("COPYTUNE_CACHE", str(tmp_path / "env.db"))
+    assert Store().path == tmp_path / "env.db"
+
+
+def _valid_db_bytes(tmp_path):
+    s = Store(tmp_path / "valid.db")
+    s.put(row())
+    s.close()
+    conn = sqlite3.connect(tmp_path / "valid.db")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return (tmp_path / "valid.db").read_bytes()
+
+
+def _newer_schema(tmp_path):
+    s = Store(tmp_path / "newer.db")
+    s.put(row())
+    s.close()
+    conn = sqlite3.connect(tmp_path / "newer.db")
+    conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return (tmp_path / "newer.db").read_bytes()
+
+
+def _foreign(tmp_path):
+    conn = sqlite3.connect(tmp_path / "foreign.db")
+    conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, path TEXT)")
+    conn.execute("INSERT INTO photos (path) VALUES ('holiday.jpg')")
+    conn.commit()
+    conn.close()
+    return (tmp_path / "foreign.db").read_bytes()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: b"this is not a database, it is a user's notes\n" * 50, "not a database"),
+    (lambda p: _valid_db_bytes(p)[:1500], "malformed|not a database|disk image"),
+    (lambda p: bytes(range(256)) * 40, "not a database"),
+    (_newer_schema, "schema 99"),
+    (_foreign, "something else"),
+], ids=["text", "truncated", "garbage", "newer-schema", "foreign-sqlite"])
+def test_bad_file_is_a_warning_and_never_rewritten(tmp_path, make, match):
+    path = tmp_path / "cache.db"
+    content = make(tmp_path)
+    path.write_bytes(content)
+    store = Store(path)
+    with pytest.warns(RuntimeWarning, match=match):
+        assert store.get("k1") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only, then silent no-ops
+        store.put(row())
+        assert store.rows() == []
+    assert store.disabled
+    assert path.read_bytes() == content
+
+
+def test_invalid_row_is_a_miss_with_one_warning(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.put(row())
+    conn = sqlite3.connect(tmp_path / "c.db")
+    conn.execute("UPDATE winners SET params = 'not json', time_us = -1")
+    conn.commit()
+    with pytest.warns(RuntimeWarning, match="ignored"):
+        assert store.get("k1") is None
+    assert not store.disabled
+
+
+def test_unwritable_location_warns_and_continues(tmp_path):
+    """/proc refuses new files even to root (CI runs as root, so a chmod'ed directory would not do)."""
+    store = Store("/proc/copytune-test/cache.db")
+    with pytest.warns(RuntimeWarning, match="disabled"):
+        store.put(row())
+    assert store.get("k1") is None and store.rows() == []

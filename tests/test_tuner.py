@@ -1,0 +1,112 @@
+"""Tuner logic on CPU with fake strategies and a scripted timer."""
+
+import math
+
+import pytest
+import torch
+
+from copytune import CopyPlan, get_strategy
+from copytune.tuner import tune
+
+LAST: list[str] = []
+
+
+class Fake:
+    """Copies like torch (or not), records itself as last launched so the scripted timer knows who ran."""
+
+    def __init__(self, name, *, wrong=False, raises=None, supported=True, available=None):
+        self.name, self.wrong, self.raises, self.supported, self.reason = name, wrong, raises, supported, available
+
+    def available(self, device):
+        return self.reason
+
+    def supports(self, plan):
+        return self.supported
+
+    def candidates(self, plan):
+        return [{"v": 1}]
+
+    def bind(self, plan, params=None):
+        if self.raises == "bind":
+            raise RuntimeError("compile failed")
+        dsts = [d for _, d in plan.pairs]
+
+        def launch(srcs=None):
+            LAST.append(self.name)
+            if self.raises == "launch":
+                raise RuntimeError("launch failed")
+            for s, d in zip(srcs or [s for s, _ in plan.pairs], dsts):
+                d.copy_(s)
+                if self.wrong and d.numel():
+                    d[(-1,) * d.dim()] += 1  # one element off
+        return launch
+
+    def copy(self, plan, params=None):
+        self.bind(CopyPlan.from_pairs(plan))()
+
+
+def scripted(times):
+    def timer(step, mode, device):
+        LAST.clear()
+        step(0)
+        return times[LAST[-1] if LAST else "torch_per_copy"]  # the real baseline does not record itself
+    return timer
+
+
+@pytest.fixture
+def plan():
+    buf = torch.zeros(8, 16, dtype=torch.int32)
+    return CopyPlan.from_pairs([(torch.arange(5, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)),
+                                (torch.ones(8, 9, dtype=torch.int32), buf[:, :9])])
+
+
+def test_fastest_exact_candidate_wins_and_baseline_is_recorded(plan):
+    pool = {"slow": Fake("slow"), "fast": Fake("fast"), "torch_per_copy": get_strategy("torch_per_copy")}
+    times = {"slow": 9.0, "fast": 2.0, "torch_per_copy": 10.0}
+    result = tune(plan, "eager", pool=pool, timer=scripted(times))
+    assert (result.strategy, result.time_us, result.baseline_us) == ("fast", 2.0, 10.0)
+    assert {t.strategy: t.time_us for t in result.timings} == times
+
+
+@pytest.mark.parametrize("fake, reason", [
+    (Fake("bad", wrong=True), "wrong bytes in pair"),
+    (Fake("bad", raises="bind"), "compile failed"),
+    (Fake("bad", raises="launch"), "launch failed"),
+])
+def test_broken_candidates_never_win_and_are_recorded(plan, fake, reason):
+    pool = {"bad": fake, "torch_per_copy": get_strategy("torch_per_copy")}
+    with pytest.warns(RuntimeWarning, match="bad .* excluded"):
+        result = tune(plan, "eager", pool=pool, timer=scripted({"bad": 0.1, "torch_per_copy": 5.0}))
+    assert result.strategy == "torch_per_copy"
+    bad = next(t for t in result.timings if t.strategy == "bad")
+    assert bad.time_us is None and reason in bad.reason
+
+
+def test_unavailable_and_unsupported_are_skipped_with_reason(plan):
+    pool = {"gone": Fake("gone", available="no GPU"), "narrow": Fake("narrow", supported=False)}
+    result = tune(plan, "graph", pool=pool, timer=scripted({"torch_per_copy": 3.0}))
+    reasons = {t.strategy: t.reason for t in result.timings}
+    assert reasons["gone"] == "no GPU" and reasons["narrow"] == "does not support this batch"
+    assert result.strategy == "torch_per_copy"
+
+
+def test_callers_tensors_are_never_written(plan):
+    before = [d.clone() for _, d in plan.pairs]
+    tune(plan, "eager", pool={"torch_foreach": get_strategy("torch_foreach")})
+    assert all(torch.equal(b, d) for b, (_, d) in zip(before, plan.pairs))
+
+
+def test_real_timer_on_cpu_gives_finite_times(plan):
+    result = tune(plan, "eager", pool={"torch_foreach": get_strategy("torch_foreach")})
+    assert {t.strategy for t in result.timings} == {"torch_foreach", "torch_per_copy"}
+    assert all(math.isfinite(t.time_us) and t.time_us > 0 for t in result.timings)
+
+
+def test_every_registered_strategy_through_the_tuner(plan):
+    """The real pool (Triton strategies interpreted on CPU) with a short real timer: all exact, all timed."""
+    from copytune.tuner import default_timer
+
+    result = tune(plan, "eager", timer=lambda step, mode, dev: default_timer(step, mode, dev, calls=2, repeats=1))
+    usable = {n for n, s in __import__("copytune").strategies().items() if s.available("cpu") is None}
+    timed = {t.strategy for t in result.timings if t.time_us is not None}
+    assert timed == usable and not [t for t in result.timings if t.strategy in usable and t.reason]
