@@ -110,3 +110,16 @@ def test_every_registered_strategy_through_the_tuner(plan):
     usable = {n for n, s in __import__("copytune").strategies().items() if s.available("cpu") is None}
     timed = {t.strategy for t in result.timings if t.time_us is not None}
     assert timed == usable and not [t for t in result.timings if t.strategy in usable and t.reason]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_gpu_tuning_times_every_strategy(mode):
+    """On a GPU: every strategy compiles, passes the exactness check and gets a time, in both modes."""
+    buf = torch.zeros(64, 512, dtype=torch.int32, device="cuda")
+    cu = torch.zeros(65, dtype=torch.int32, device="cuda")
+    plan = CopyPlan.from_pairs([(torch.ones(32, 300, dtype=torch.int32, device="cuda"), buf[:32, :300]),
+                                (torch.ones(32, dtype=torch.int32, device="cuda"), cu[1:33])])
+    result = tune(plan, mode)
+    assert not [t.reason for t in result.timings if t.reason], result.timings
+    assert result.time_us <= result.baseline_us
