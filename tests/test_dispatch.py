@@ -178,3 +178,43 @@ def test_eight_processes_tuning_the_same_keys(tmp_path):
         assert "locked" not in err
     rows = Store(path).rows()
     assert len(rows) == 3 and len({r["key"] for r in rows}) == 3
+
+
+def test_repeated_batch_skips_validation_and_keeps_no_tensors_alive(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from copytune import plan as plan_module
+
+    pool = {n: get_strategy(n) for n in ("torch_per_copy", "triton_unified")}
+    fastest = {"triton_unified": 1.0}
+    d = Dispatcher(tmp_path / "c.db", pool=pool,
+                   timer=lambda step, mode, dev: step(0) or fastest.get(_last_name(step), 9.0))
+    src, dst = torch.arange(40, dtype=torch.int32), torch.zeros(50, dtype=torch.int32)
+    d.copy([(src, dst[5:45])])
+    assert d.winner([(src, dst[5:45])]) == "triton_unified"  # a runner of integers, not of tensors
+    validated = []
+    real = plan_module.CopyPlan.from_pairs.__func__
+    monkeypatch.setattr(plan_module.CopyPlan, "from_pairs", classmethod(lambda cls, p: validated.append(1)
+                                                                        or real(cls, p)))
+    src.mul_(3)
+    d.copy([(src, dst[5:45])])
+    assert torch.equal(dst[5:45], src) and not validated
+    refs = [weakref.ref(src), weakref.ref(dst)]
+    del src, dst
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def _last_name(step):
+    """Which strategy a tuner step runs (closure introspection keeps the scripted timer honest)."""
+    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__ or ())))
+    return getattr(getattr(cells.get("launch"), "strategy", None), "name", "torch_per_copy")
+
+
+def test_invalid_batches_are_rejected_every_time(tmp_path):
+    d = make_dispatcher(tmp_path)
+    buf = torch.zeros(10, dtype=torch.int32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="pair 1: destination overlaps"):
+            d.copy([(torch.ones(4, dtype=torch.int32), buf[:4]), (torch.ones(4, dtype=torch.int32), buf[2:6])])

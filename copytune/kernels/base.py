@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -39,6 +39,13 @@ class Strategy(Protocol):
 
     def bind(self, plan: CopyPlan, params: Params | None = None) -> Launch:
         """Prepare a reusable launch of ``plan`` (compiles here, never on the bound call)."""
+
+    def runner(self, plan: CopyPlan, params: Params | None = None) -> Callable[[Sequence], None]:
+        """A launch for batches with exactly ``plan``'s addresses and geometry, called with that call's pairs.
+
+        It holds no tensor references (kernel strategies keep integers, torch strategies use the pairs given), so
+        a cache of runners keyed by addresses never keeps freed memory alive.
+        """
 
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
         """Launch the batch once, without synchronizing."""

@@ -33,7 +33,7 @@ class Unavailable:
     def bind(self, plan, params=None):
         raise UnsupportedPlan(f"{self.name} is unavailable: {self.reason}")
 
-    copy = bind
+    copy = runner = bind
 
 
 def strategies() -> dict[str, Strategy]:

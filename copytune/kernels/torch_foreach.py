@@ -33,8 +33,16 @@ class TorchForeach:
 
         return launch
 
+    def runner(self, plan: CopyPlan, params: Params | None = None):
+        return foreach_copy
+
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
-        self.bind(as_plan(plan_or_pairs))()
+        foreach_copy(as_plan(plan_or_pairs).pairs)
+
+
+def foreach_copy(pairs) -> None:
+    if pairs:
+        torch._foreach_copy_([d for _, d in pairs], [s for s, _ in pairs])
 
 
 STRATEGY = TorchForeach()

@@ -32,9 +32,16 @@ class TorchPerCopy:
 
         return launch
 
+    def runner(self, plan: CopyPlan, params: Params | None = None):
+        return copy_each
+
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
-        for s, d in as_plan(plan_or_pairs).pairs:
-            d.copy_(s)
+        copy_each(as_plan(plan_or_pairs).pairs)
+
+
+def copy_each(pairs) -> None:
+    for s, d in pairs:
+        d.copy_(s)
 
 
 STRATEGY = TorchPerCopy()

@@ -129,6 +129,14 @@ class TritonStrategy:
             launches.append((go, tuple(args), tuple(zip(src_pos, idx)), unit - 1))
         return BoundTriton(self, plan, params, launches)
 
+    def runner(self, plan: CopyPlan, params: dict | None = None):
+        launches = [(go, args) for go, args, _, _ in self.bind(plan, params).launches]  # integers only
+
+        def run(pairs=None) -> None:
+            for go, args in launches:
+                go(args)
+        return run
+
     def copy(self, plan_or_pairs, params: dict | None = None) -> None:
         from copytune.kernels.base import as_plan
 
