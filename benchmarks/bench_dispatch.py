@@ -67,6 +67,7 @@ def main() -> int:
                  "fast": _median_us(lambda i: fast.run(srcs[i % SETS]), args.calls),
                  "checked": _median_us(lambda i: checked.run(srcs[i % SETS]), args.calls),
                  "unbound": _median_us(lambda i: d.copy(pair_sets[i % SETS]), args.calls // 4)}
+            print(f"     (dispatcher runner cache: {len(d._runners)} entries)")
             for dd, s in zip(dsts, srcs[(args.calls - 1) % SETS]):
                 assert torch.equal(dd, s), "dispatcher copied wrong bytes"
             r = {k: v / t["manual"] for k, v in t.items()}

@@ -180,7 +180,7 @@ def test_eight_processes_tuning_the_same_keys(tmp_path):
     assert len(rows) == 3 and len({r["key"] for r in rows}) == 3
 
 
-def test_repeated_batch_skips_validation_and_keeps_no_tensors_alive(tmp_path, monkeypatch):
+def test_repeated_batch_skips_validation_and_keeps_no_tensors_alive(tmp_path, monkeypatch, device):
     import gc
     import weakref
 
@@ -190,7 +190,8 @@ def test_repeated_batch_skips_validation_and_keeps_no_tensors_alive(tmp_path, mo
     fastest = {"triton_unified": 1.0}
     d = Dispatcher(tmp_path / "c.db", pool=pool,
                    timer=lambda step, mode, dev: step(0) or fastest.get(_last_name(step), 9.0))
-    src, dst = torch.arange(40, dtype=torch.int32), torch.zeros(50, dtype=torch.int32)
+    src = torch.arange(40, dtype=torch.int32, device=device)
+    dst = torch.zeros(50, dtype=torch.int32, device=device)
     d.copy([(src, dst[5:45])])
     assert d.winner([(src, dst[5:45])]) == "triton_unified"  # a runner of integers, not of tensors
     validated = []
@@ -199,6 +200,8 @@ def test_repeated_batch_skips_validation_and_keeps_no_tensors_alive(tmp_path, mo
                                                                         or real(cls, p)))
     src.mul_(3)
     d.copy([(src, dst[5:45])])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     assert torch.equal(dst[5:45], src) and not validated
     refs = [weakref.ref(src), weakref.ref(dst)]
     del src, dst
