@@ -121,6 +121,14 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__} | "
           f"copytune {copytune.__version__}")
+    from copytune.kernels import cuda_ext
+
+    try:
+        lib, seconds = cuda_ext.build("cuda")
+        state = f"built in {seconds:.1f} s" if seconds else "already built"
+        print(f"# cuda_ext: {lib.name} ({state})")
+    except cuda_ext.BuildError as exc:
+        print(f"# cuda_ext unavailable: {exc}")
     names = [n for n, s in copytune.strategies().items() if s.available("cuda") is None]
     results = []
     for max_len in map(int, args.max_len.split(",")):

@@ -36,6 +36,27 @@ def info(device: str | None) -> None:
         click.echo(f"  {strategy_name:<18} {'available' if reason is None else 'unavailable: ' + reason}")
 
 
+@main.command()
+@click.option("--device", default="cuda", show_default=True, help="CUDA device whose architecture to build for.")
+@click.option("--verbose", is_flag=True, help="Show the compiler's output.")
+def build(device: str, verbose: bool) -> None:
+    """Compile the cuda_ext strategy ahead of use (cached on disk per source hash, GPU arch and versions).
+
+    Example: copytune build --device cuda:0
+    """
+    import torch  # noqa: PLC0415
+
+    from copytune.kernels import cuda_ext  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("no CUDA device visible to torch: nothing to build for")
+    try:
+        lib, seconds = cuda_ext.build(device, verbose=verbose)
+    except cuda_ext.BuildError as exc:
+        raise click.ClickException(f"build failed: {exc}") from None
+    click.echo(f"cuda_ext ready: {lib}" + (f" (built in {seconds:.1f} s)" if seconds else " (already built)"))
+
+
 cache_option = click.option(
     "--cache", "cache_path", type=click.Path(dir_okay=False), default=None, envvar="COPYTUNE_CACHE",
     help="SQLite cache file (default: $COPYTUNE_CACHE or ~/.cache/copytune/cache.db).")

@@ -116,6 +116,9 @@ def test_every_registered_strategy_through_the_tuner(plan):
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_gpu_tuning_times_every_strategy(mode):
     """On a GPU: every strategy compiles, passes the exactness check and gets a time, in both modes."""
+    from copytune.kernels import cuda_ext
+
+    cuda_ext.build("cuda")
     buf = torch.zeros(64, 512, dtype=torch.int32, device="cuda")
     cu = torch.zeros(65, dtype=torch.int32, device="cuda")
     plan = CopyPlan.from_pairs([(torch.ones(32, 300, dtype=torch.int32, device="cuda"), buf[:32, :300]),

@@ -10,7 +10,7 @@ import torch
 from copytune.kernels.base import Strategy, UnsupportedPlan
 
 # Order is the fallback preference when nothing is tuned: fastest-known first among the always-correct ones.
-STRATEGY_MODULES = ("torch_per_copy", "torch_foreach", "triton_unified", "triton_persistent")
+STRATEGY_MODULES = ("torch_per_copy", "torch_foreach", "triton_unified", "triton_persistent", "cuda_ext")
 
 _registry: dict[str, Strategy] | None = None
 

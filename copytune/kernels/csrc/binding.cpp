@@ -1,0 +1,83 @@
+// copytune cuda_ext binding: a BoundBatch holds the planned parameter structs of one batch and relaunches them,
+// reading new source addresses from tensors in C++ (on an H100, 14 data_ptr() reads cost 3.0 us in Python; pybind
+// parses 14 tensors in 2.3 us).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
+
+#include "batched_copy.cuh"
+
+namespace copytune {
+
+class BoundBatch {
+ public:
+  // flat: 6 int64 per copy (src, dst, rows, row_bytes, src_stride, dst_stride), bytes; empty copies excluded.
+  BoundBatch(const std::vector<int64_t>& flat, int64_t device) : device_(static_cast<int>(device)) {
+    TORCH_CHECK(flat.size() % 6 == 0, "cuda_ext: descriptor list length ", flat.size(), " is not a multiple of 6");
+    raw_.resize(flat.size() / 6);
+    for (size_t i = 0; i < raw_.size(); ++i) {
+      raw_[i] = RawCopy{flat[6 * i], flat[6 * i + 1], flat[6 * i + 2], flat[6 * i + 3], flat[6 * i + 4],
+                        flat[6 * i + 5]};
+    }
+    const size_t chunks = (raw_.size() + kMaxCopies - 1) / kMaxCopies;
+    params_.resize(chunks);
+    tiles_.resize(chunks);
+    plan();
+  }
+
+  void run() { launch(); }
+
+  // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
+  void run_sources(const std::vector<at::Tensor>& srcs) {
+    TORCH_CHECK(srcs.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " sources, got ", srcs.size());
+    for (size_t i = 0; i < raw_.size(); ++i) raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr());
+    plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
+    launch();
+  }
+
+  std::vector<int64_t> vector_bytes() const {
+    std::vector<int64_t> out;
+    for (size_t k = 0; k < params_.size(); ++k)
+      for (int j = 0; j < params_[k].count; ++j) out.push_back(int64_t(1) << params_[k].c[j].vec_log2);
+    return out;
+  }
+
+  std::vector<int64_t> tiles() const { return tiles_; }
+
+ private:
+  void plan() {
+    for (size_t k = 0; k < params_.size(); ++k) {
+      const int count = static_cast<int>(std::min<size_t>(kMaxCopies, raw_.size() - k * kMaxCopies));
+      tiles_[k] = plan_launch(raw_.data() + k * kMaxCopies, count, &params_[k]);
+    }
+  }
+
+  void launch() {
+    c10::cuda::OptionalCUDAGuard guard;
+    if (c10::cuda::current_device() != device_) guard.set_index(device_);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
+    for (size_t k = 0; k < params_.size(); ++k) {
+      const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], stream);
+      TORCH_CHECK(err == cudaSuccess, "cuda_ext: launch failed: ", cudaGetErrorString(err));
+    }
+  }
+
+  int device_;
+  std::vector<RawCopy> raw_;
+  std::vector<Params> params_;
+  std::vector<int64_t> tiles_;
+};
+
+}  // namespace copytune
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
+      .def(pybind11::init<const std::vector<int64_t>&, int64_t>())
+      .def("run", &copytune::BoundBatch::run)
+      .def("run_sources", &copytune::BoundBatch::run_sources)
+      .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
+      .def("tiles", &copytune::BoundBatch::tiles);
+  m.attr("MAX_COPIES") = copytune::kMaxCopies;
+}
