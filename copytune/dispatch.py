@@ -11,6 +11,7 @@ Untuned default (``tune=False`` and nothing cached): ``triton_unified`` on CUDA 
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 import warnings
 from collections.abc import Sequence
@@ -183,7 +184,7 @@ class BoundCopy:
     that build their own sources pass ``checked=False`` and pay only the address reads.
     """
 
-    __slots__ = ("_dst_ext", "_dst_lo", "_geometry", "_launch", "_spans", "checked", "choice", "plan")
+    __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_spans", "checked", "choice", "plan")
 
     def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True):
         self.plan, self.choice, self.checked, self._launch = plan, choice, checked, launch
@@ -191,6 +192,7 @@ class BoundCopy:
         self._spans = [hi - lo if s.numel() else 0 for s, (lo, hi) in ((s, _extent(s)) for s, _ in plan.pairs)]
         ext = sorted((_extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
         self._dst_lo = [lo for (lo, _), _ in ext]
+        self._dst_reach = list(itertools.accumulate((hi for (_, hi), _ in ext), max))  # furthest end so far
         self._dst_ext = ext
 
     @property
@@ -222,8 +224,10 @@ class BoundCopy:
                 self._check_disjoint(i, s, lo, lo + span)
 
     def _check_disjoint(self, i: int, s: torch.Tensor, lo: int, hi: int) -> None:
-        k = bisect.bisect_right(self._dst_lo, lo) - 1
-        for dst_ext, j in self._dst_ext[max(k, 0):]:
+        k = bisect.bisect_right(self._dst_lo, lo)  # destinations [0, k) start at or before lo
+        if (k == 0 or self._dst_reach[k - 1] <= lo) and (k == len(self._dst_lo) or self._dst_lo[k] >= hi):
+            return  # the usual case, O(log k): no destination extent meets [lo, hi)
+        for dst_ext, j in self._dst_ext:
             if dst_ext[0] >= hi:
                 break
             if _meet((lo, hi), dst_ext) and _bytes_meet(s, self.plan.pairs[j][1]):

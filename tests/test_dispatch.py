@@ -221,3 +221,14 @@ def test_invalid_batches_are_rejected_every_time(tmp_path):
     for _ in range(2):
         with pytest.raises(ValueError, match="pair 1: destination overlaps"):
             d.copy([(torch.ones(4, dtype=torch.int32), buf[:4]), (torch.ones(4, dtype=torch.int32), buf[2:6])])
+
+
+def test_bound_check_allows_a_source_interleaved_with_destinations(tmp_path):
+    """Extents meet but bytes do not: the column block between two destination slices is a valid source."""
+    buf, other = torch.zeros(6, 12, dtype=torch.int32), torch.arange(72, dtype=torch.int32).reshape(6, 12)
+    bound = make_dispatcher(tmp_path, tune=False).bind([(other[:, 4:8], buf[:, :4]), (other[:, :4], buf[:, 8:])])
+    buf[:, 4:8] = 7
+    bound.run([buf[:, 4:8], other[:, :4]])
+    assert (buf[:, :4] == 7).all() and torch.equal(buf[:, 8:], other[:, :4])
+    with pytest.raises(ValueError, match="pair 0: source overlaps the destination of pair 1"):
+        bound.run([buf[:, 7:11], other[:, :4]])
