@@ -22,7 +22,7 @@ import torch
 
 from copytune.cache.store import Store
 from copytune.kernels import UnsupportedPlan, get_strategy, strategies
-from copytune.plan import CopyPlan, _bytes_meet, _extent, _meet
+from copytune.plan import CopyPlan, _bytes_meet, _extent, _meet, as_view
 from copytune.signature import MODES, device_fingerprint, make_key, shape_signature
 
 DEFAULT_ORDER = ("triton_unified", "torch_foreach", "torch_per_copy")
@@ -47,7 +47,7 @@ def default_strategy(plan: CopyPlan) -> str:
 class Choice:
     strategy: str
     params: dict
-    origin: str  # "cache", "tuned" or "default"
+    origin: str  # "pinned", "cache", "tuned" or "default"
 
 
 class Dispatcher:
@@ -56,15 +56,17 @@ class Dispatcher:
     ``cache_path``: the SQLite cache (default ``$COPYTUNE_CACHE`` or ``~/.cache/copytune/cache.db``).
     ``mode``: ``"eager"`` when the caller launches directly (CPU launch cost counts) or ``"graph"`` when the copies
     are captured in a CUDA graph (GPU time counts). ``tune=False`` never tunes: cache or default only.
+    ``strategy``: pin every batch it supports to this strategy (benchmarks, tests, debugging); no tuning.
     """
 
-    def __init__(self, cache_path=None, mode: str = "eager", tune: bool = True, *, store: Store | None = None,
-                 timer=None, pool=None):
+    def __init__(self, cache_path=None, mode: str = "eager", tune: bool = True, *, strategy: str | None = None,
+                 store: Store | None = None, timer=None, pool=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.tune = mode, tune
         self.store = store if store is not None else Store(cache_path)
         self._timer, self._pool = timer, pool
+        self._pinned = get_strategy(strategy) if strategy is not None else None
         self._table: dict[str, Choice] = {}
         self._keys: dict[tuple, str] = {}
         self._runners: dict[tuple, object] = {}  # exact addresses + geometry -> runner, oldest first
@@ -85,10 +87,16 @@ class Dispatcher:
         choice = self._table.get(key)
         if choice is None:
             with self._lock:
-                choice = self._table.get(key) or self._cached(key, plan) or self._tuned(key, plan) \
-                    or Choice(default_strategy(plan), {}, "default")
+                choice = self._table.get(key) or self._forced(plan) or self._cached(key, plan) \
+                    or self._tuned(key, plan) or Choice(default_strategy(plan), {}, "default")
                 self._table[key] = choice
         return choice
+
+    def _forced(self, plan: CopyPlan) -> Choice | None:
+        s = self._pinned
+        if s is None or s.available(plan.device) is not None or not s.supports(plan):
+            return None
+        return Choice(s.name, s.candidates(plan)[0], "pinned")
 
     def _cached(self, key: str, plan: CopyPlan) -> Choice | None:
         row = self.store.get(key)
@@ -155,11 +163,22 @@ class Dispatcher:
         plan = CopyPlan.from_pairs(pairs)
         return self.choose(plan).strategy if plan.pairs else "torch_per_copy"
 
-    def bind(self, pairs: Pairs | CopyPlan, *, checked: bool = True) -> BoundCopy:
-        """Validate and choose once; the returned ``BoundCopy`` relaunches with no per-call dispatch work."""
+    def bind(self, pairs: Pairs | CopyPlan, *, checked: bool = True,
+             bases: Sequence[torch.Tensor] | None = None) -> BoundCopy:
+        """Validate and choose once; the returned ``BoundCopy`` relaunches with no per-call dispatch work.
+
+        ``bases``: one tensor per pair that its source is a view of (``cu_seqlens`` for ``cu_seqlens[1:]``). The
+        bound copy's ``run(srcs)`` then takes such base tensors and adds each view's byte offset itself, so call
+        sites never build slice views per call (~3.5 µs each on an H100).
+        """
         plan = CopyPlan.from_pairs(pairs)
         choice = self.choose(plan) if plan.pairs else Choice("torch_per_copy", {}, "default")
-        return BoundCopy(plan, choice, get_strategy(choice.strategy).bind(plan, choice.params), checked)
+        launch = get_strategy(choice.strategy).bind(plan, choice.params)
+        offsets = None
+        if bases is not None:
+            offsets = _view_offsets(plan, bases)
+            launch = _with_offsets(launch, plan, offsets)
+        return BoundCopy(plan, choice, launch, checked, bases, offsets)
 
 
 def _exact_key(pairs) -> tuple | None:
@@ -175,6 +194,32 @@ def _noop(pairs) -> None:
     return None
 
 
+def _view_offsets(plan: CopyPlan, bases: Sequence[torch.Tensor]) -> list[int]:
+    if len(bases) != len(plan.pairs):
+        raise ValueError(f"expected {len(plan.pairs)} base tensors, got {len(bases)}")
+    offsets = []
+    for i, ((s, _), b) in enumerate(zip(plan.pairs, bases)):
+        lo, hi = _extent(b)
+        slo, shi = _extent(s) if s.numel() else (s.data_ptr(), s.data_ptr())
+        if not isinstance(b, torch.Tensor) or b.device != s.device or b.dtype != s.dtype or not lo <= slo <= shi <= hi:
+            raise ValueError(f"pair {i}: source is not a view inside the given base tensor")
+        offsets.append(slo - lo)
+    return offsets
+
+
+def _with_offsets(launch, plan: CopyPlan, offsets: list[int]):
+    """Make ``launch(srcs)`` take base tensors: natively where the strategy reads addresses itself, else by
+    building the views (the torch strategies need tensors)."""
+    if hasattr(launch, "set_source_offsets"):
+        launch.set_source_offsets(offsets)
+        return launch
+    views = [s for s, _ in plan.pairs]
+
+    def rebased(srcs=None) -> None:
+        launch(None if srcs is None else [as_view(b, v, off) for b, v, off in zip(srcs, views, offsets)])
+    return rebased
+
+
 class BoundCopy:
     """A validated batch bound to its winning strategy.
 
@@ -184,11 +229,14 @@ class BoundCopy:
     that build their own sources pass ``checked=False`` and pay only the address reads.
     """
 
-    __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_spans", "checked", "choice", "plan")
+    __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans", "checked",
+                 "choice", "plan")
 
-    def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True):
+    def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None):
         self.plan, self.choice, self.checked, self._launch = plan, choice, checked, launch
-        self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s, _ in plan.pairs]
+        self._offsets = offsets or [0] * len(plan.pairs)
+        given = bases if bases is not None else [s for s, _ in plan.pairs]
+        self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
         self._spans = [hi - lo if s.numel() else 0 for s, (lo, hi) in ((s, _extent(s)) for s, _ in plan.pairs)]
         ext = sorted((_extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
         self._dst_lo = [lo for (lo, _), _ in ext]
@@ -210,7 +258,7 @@ class BoundCopy:
         """Raise ValueError if ``srcs`` do not match the bound geometry or overlap a destination."""
         if len(srcs) != len(self._geometry):
             raise ValueError(f"expected {len(self._geometry)} sources, got {len(srcs)}")
-        for i, (s, geometry, span) in enumerate(zip(srcs, self._geometry, self._spans)):
+        for i, (s, geometry, span, off) in enumerate(zip(srcs, self._geometry, self._spans, self._offsets)):
             try:
                 ok = (s.shape, s.stride(), s.dtype, s.device) == geometry
             except AttributeError:
@@ -220,17 +268,18 @@ class BoundCopy:
                 raise ValueError(f"pair {i}: source {tuple(s.shape)} {s.stride()} {s.dtype} on {s.device} does not "
                                  f"match the bound {tuple(shape)} {stride} {dtype} on {device}")
             if span:
-                lo = s.data_ptr()
-                self._check_disjoint(i, s, lo, lo + span)
+                lo = s.data_ptr() + off
+                self._check_disjoint(i, s, lo, lo + span, off)
 
-    def _check_disjoint(self, i: int, s: torch.Tensor, lo: int, hi: int) -> None:
+    def _check_disjoint(self, i: int, s: torch.Tensor, lo: int, hi: int, off: int) -> None:
         k = bisect.bisect_right(self._dst_lo, lo)  # destinations [0, k) start at or before lo
         if (k == 0 or self._dst_reach[k - 1] <= lo) and (k == len(self._dst_lo) or self._dst_lo[k] >= hi):
             return  # the usual case, O(log k): no destination extent meets [lo, hi)
         for dst_ext, j in self._dst_ext:
             if dst_ext[0] >= hi:
                 break
-            if _meet((lo, hi), dst_ext) and _bytes_meet(s, self.plan.pairs[j][1]):
+            view = s if s.shape == self.plan.pairs[i][0].shape and not off else as_view(s, self.plan.pairs[i][0], off)
+            if _meet((lo, hi), dst_ext) and _bytes_meet(view, self.plan.pairs[j][1]):
                 raise ValueError(f"pair {i}: source overlaps the destination of pair {j}")
 
 

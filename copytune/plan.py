@@ -220,3 +220,8 @@ def _bytes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
         if bool((mine & (start < before)).any()):
             return True
     return False
+
+
+def as_view(base: torch.Tensor, like: torch.Tensor, offset: int) -> torch.Tensor:
+    """The view of ``base`` with ``like``'s shape and strides starting ``offset`` bytes into it."""
+    return torch.as_strided(base, like.shape, like.stride(), base.storage_offset() + offset // base.element_size())

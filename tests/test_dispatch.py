@@ -232,3 +232,34 @@ def test_bound_check_allows_a_source_interleaved_with_destinations(tmp_path):
     assert (buf[:, :4] == 7).all() and torch.equal(buf[:, 8:], other[:, :4])
     with pytest.raises(ValueError, match="pair 0: source overlaps the destination of pair 1"):
         bound.run([buf[:, 7:11], other[:, :4]])
+
+
+@pytest.mark.parametrize("strategy", ["torch_per_copy", "triton_unified", "cuda_ext"])
+def test_bound_on_base_tensors_adds_the_view_offsets(tmp_path, device, strategy):
+    """Call sites pass the base tensor (``cu``) and the bound copy reads the view (``cu[1:]``) itself."""
+    if get_strategy(strategy).available(device) is not None:
+        pytest.skip(get_strategy(strategy).available(device))
+    buf = random_fill(torch.empty(8, 16, dtype=torch.int32, device=device))
+    cu_dst = random_fill(torch.empty(9, dtype=torch.int32, device=device))
+    pt = random_fill(torch.empty(8, 7, dtype=torch.int32, device=device))
+    cu = random_fill(torch.empty(9, dtype=torch.int32, device=device))
+    d = Dispatcher(tmp_path / "c.db", strategy=strategy)
+    bound = d.bind([(pt, buf[:, :7]), (cu[1:], cu_dst[1:])], bases=[pt, cu])
+    assert bound.strategy == strategy
+    for _ in range(2):
+        new_pt, new_cu = random_fill(torch.empty_like(pt)), random_fill(torch.empty_like(cu))
+        bound.run([new_pt, new_cu])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert torch.equal(buf[:, :7], new_pt) and torch.equal(cu_dst[1:], new_cu[1:])
+    with pytest.raises(ValueError, match="pair 1: source .* does not match"):
+        bound.run([new_pt, new_cu[1:]])
+    with pytest.raises(ValueError, match="pair 0: source is not a view inside the given base"):
+        d.bind([(pt, buf[:, :7])], bases=[cu])
+
+
+def test_pinned_strategy_is_used_without_tuning(tmp_path):
+    d = Dispatcher(tmp_path / "c.db", strategy="torch_foreach")
+    src, dst = torch.arange(5), torch.zeros(5, dtype=torch.int64)
+    assert d.winner([(src, dst)]) == "torch_foreach"
+    assert Store(tmp_path / "c.db").rows() == []

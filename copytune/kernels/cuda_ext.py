@@ -183,5 +183,9 @@ class BoundCuda:
         else:
             self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
 
+    def set_source_offsets(self, offsets: list[int]) -> None:
+        """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
+        self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])
+
 
 STRATEGY = CudaExt()

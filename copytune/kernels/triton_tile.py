@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import triton
 import triton.language as tl
 
-from copytune.plan import CopyDesc, CopyPlan
+from copytune.plan import CopyDesc, CopyPlan, as_view
 
 SLOTS = 8  # copies per launch: 6 scalar args each; the published fused kernel's limit, chunked beyond it
 FIELDS = 6  # src, dst, n, cols, ss, ds
@@ -146,25 +146,33 @@ class TritonStrategy:
 class BoundTriton:
     """A plan bound to compiled launches; ``(srcs)`` swaps in new source addresses, nothing else per call."""
 
-    __slots__ = ("launches", "params", "plan", "strategy")
+    __slots__ = ("launches", "offsets", "params", "plan", "strategy")
 
     def __init__(self, strategy: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
         self.strategy, self.plan, self.params, self.launches = strategy, plan, params, launches
+        self.offsets = None
+
+    def set_source_offsets(self, offsets: list[int]) -> None:
+        """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
+        self.offsets = list(offsets)
 
     def __call__(self, srcs=None) -> None:
         if srcs is None:
             for go, args, _, _ in self.launches:
                 go(args)
             return
+        offsets = self.offsets
         for go, args, slots, mask in self.launches:
             args = list(args)
             for pos, i in slots:
-                ptr = srcs[i].data_ptr()
+                ptr = srcs[i].data_ptr() if offsets is None else srcs[i].data_ptr() + offsets[i]
                 if ptr & mask:  # the kernel's unit no longer divides the address: describe the batch anew
                     return self._rebind(srcs)
                 args[pos] = ptr
             go(args)
 
     def _rebind(self, srcs) -> None:
+        if self.offsets is not None:
+            srcs = [as_view(b, s, off) for b, (s, _), off in zip(srcs, self.plan.pairs, self.offsets)]
         pairs = [(s, d) for s, (_, d) in zip(srcs, self.plan.pairs)]
         self.strategy.copy(pairs, self.params)

@@ -29,10 +29,18 @@ class BoundBatch {
 
   void run() { launch(); }
 
+  // Bytes to add to each new source's data_ptr() (callers that pass base tensors instead of slice views).
+  void set_source_offsets(const std::vector<int64_t>& offsets) {
+    TORCH_CHECK(offsets.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " offsets");
+    offsets_ = offsets;
+  }
+
   // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
   void run_sources(const std::vector<at::Tensor>& srcs) {
     TORCH_CHECK(srcs.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " sources, got ", srcs.size());
-    for (size_t i = 0; i < raw_.size(); ++i) raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr());
+    for (size_t i = 0; i < raw_.size(); ++i) {
+      raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
+    }
     plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
     launch();
   }
@@ -66,6 +74,7 @@ class BoundBatch {
 
   int device_;
   std::vector<RawCopy> raw_;
+  std::vector<int64_t> offsets_;
   std::vector<Params> params_;
   std::vector<int64_t> tiles_;
 };
@@ -77,6 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::vector<int64_t>&, int64_t>())
       .def("run", &copytune::BoundBatch::run)
       .def("run_sources", &copytune::BoundBatch::run_sources)
+      .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
