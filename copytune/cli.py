@@ -90,6 +90,80 @@ def show(cache_path: str | None) -> None:
                    f"{r['time_us']:8.2f} {r['baseline_us']:9.2f} {speedup:7.2f}×")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return values
+
+
+@main.command()
+@click.option("--model", default="nsa", show_default=True, help="Model profile whose copy batches to tune.")
+@click.option("--batch-sizes", default=None, help="Comma-separated batch sizes (default: the engine's CUDA-graph "
+              "sizes 1,2,4,...,256).")
+@click.option("--max-len", "max_lens", default=None, help="Comma-separated context lengths (default: 1024,8192).")
+@click.option("--mode", type=click.Choice(["eager", "graph", "both"]), default="both", show_default=True,
+              help="Launch mode to tune: eager (CPU launch cost counts) or graph (captured, GPU time).")
+@click.option("--forward-mode", type=click.Choice(["decode", "target_verify", "draft_extend"]), default="decode",
+              show_default=True, help="Which replay step's copies.")
+@click.option("--device", default=None, help="Device (default: cuda if present, else cpu).")
+@cache_option
+def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -> None:
+    """Pre-tune a machine: time every strategy on a model's copy batches and store the winners.
+
+    Idempotent: entries already in the cache are reused, so a second run takes seconds.
+
+    Example: copytune tune --model nsa --batch-sizes 1,8,64 --max-len 4096 --mode eager
+    """
+    import time  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from copytune import CopyPlan, Dispatcher  # noqa: PLC0415
+    from copytune.models import get_profile  # noqa: PLC0415
+
+    try:
+        profile = get_profile(model)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    sizes = _int_list(batch_sizes) if batch_sizes else list(profile.batch_sizes)
+    lens = _int_list(max_lens) if max_lens else list(profile.max_lens)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        _build_quietly(dev)
+    modes = ["eager", "graph"] if mode == "both" else [mode]
+    items = [(m, ml, bs) for m in modes for ml in lens for bs in sizes]
+    dispatchers = {m: Dispatcher(cache_path, mode=m) for m in modes}
+    rows, t0 = [], time.perf_counter()
+    with click.progressbar(items, label=f"tuning {model} ({forward_mode})", file=click.get_text_stream("stderr"),
+                           item_show_func=lambda it: it and f"{it[0]} max_len={it[1]} bs={it[2]}") as bar:
+        for m, ml, bs in bar:
+            d = dispatchers[m]
+            plan = CopyPlan.from_pairs(profile.example_pairs(bs, ml, forward_mode, dev))
+            choice, key = d.choose(plan), d.key(plan)
+            rows.append((m, ml, bs, choice, d.store.get(key), key))
+    click.echo(f"\n{'mode':<6} {'max_len':>7} {'bs':>4} {'winner':<18} {'µs':>8} {'torch µs':>9} {'speedup':>8} origin")
+    for m, ml, bs, choice, row, _ in rows:
+        t = f"{row['time_us']:8.2f} {row['baseline_us']:9.2f} {row['baseline_us'] / row['time_us']:7.2f}×" \
+            if row else f"{'-':>8} {'-':>9} {'-':>8}"
+        click.echo(f"{m:<6} {ml:>7} {bs:>4} {choice.strategy:<18} {t} {choice.origin}")
+    keys = len({r[-1] for r in rows})
+    click.echo(f"{len(items)} batches, {keys} keys, {time.perf_counter() - t0:.1f} s; "
+               f"cache: {dispatchers[modes[0]].store.path}")
+
+
+def _build_quietly(device) -> None:
+    from copytune.kernels import cuda_ext  # noqa: PLC0415
+
+    try:
+        cuda_ext.build(device)
+    except cuda_ext.BuildError as exc:
+        click.echo(f"cuda_ext not built ({exc}); tuning without it", err=True)
+
+
 def _triton_version() -> str:
     try:
         import triton

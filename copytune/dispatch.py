@@ -114,8 +114,11 @@ class Dispatcher:
             return None
         from copytune import tuner
 
+        pool = self._pool
+        if pool is None and plan.device.type != "cuda":  # Triton's CPU interpreter is a test tool, not a candidate
+            pool = {n: s for n, s in strategies().items() if n.startswith("torch")}
         try:
-            result = tuner.tune(plan, self.mode, pool=self._pool, timer=self._timer)
+            result = tuner.tune(plan, self.mode, pool=pool, timer=self._timer)
         except Exception as exc:  # noqa: BLE001 - tuning must never take the caller down
             warnings.warn(f"copytune: tuning failed ({type(exc).__name__}: {exc}); using the default strategy",
                           RuntimeWarning, stacklevel=4)
@@ -246,6 +249,19 @@ class BoundCopy:
     @property
     def strategy(self) -> str:
         return self.choice.strategy
+
+    def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:
+        """Let copy ``i`` move ``rows`` rows of ``row_bytes`` bytes from now on, its sources' rows
+        ``src_row_stride`` bytes apart, into the same destination rows (an NSA page table gaining a column each
+        decode step). The caller guarantees both sides hold those bytes. False when the strategy cannot resize
+        in place: bind anew."""
+        d = self.plan.descs[i]
+        resize = getattr(self._launch, "set_shape", None)
+        # rows must stay: a full-width slice was merged into one row at bind time, its row stride is not known
+        if resize is None or d.rows != rows or not resize(i, rows, row_bytes, src_row_stride, d.dst_row_stride):
+            return False
+        self._spans[i] = (rows - 1) * src_row_stride + row_bytes if rows and row_bytes else 0
+        return True
 
     def run(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
         if srcs is not None and self.checked:

@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from copytune.plan import CopyPlan
+from copytune.plan import MAX_ALIGN, CopyPlan
 
 MODES = ("eager", "graph")
 
@@ -68,13 +68,22 @@ def device_fingerprint(device: torch.device | str) -> dict:
     return dict(_fingerprint(device.type, index))
 
 
+def _address_align(d) -> int:
+    """Alignment of a copy's addresses and row strides, not of its length: lengths vary inside a bucket."""
+    align = MAX_ALIGN
+    for v in (d.src, d.dst) + ((d.src_row_stride, d.dst_row_stride) if d.rows > 1 else ()):
+        while v % align:
+            align //= 2
+    return align
+
+
 def shape_signature(plan: CopyPlan) -> list[list]:
-    """Per copy: itemsize, layout, bucketed rows and columns, alignment (bytes) of the launch's addresses."""
+    """Per copy: itemsize, layout, bucketed rows and columns, alignment of its addresses and row strides."""
     sig = []
     for d in plan.descs:
         layout = "nd" if not d.rowwise else "1d" if d.rows <= 1 else "strided" if d.row_bytes == d.itemsize else "2d"
         cols = d.row_bytes // d.itemsize if d.rowwise else d.numel
-        sig.append([d.itemsize, layout, bucket(d.rows), bucket(cols), d.align])
+        sig.append([d.itemsize, layout, bucket(d.rows), bucket(cols), _address_align(d)])
     return sig
 
 

@@ -40,3 +40,25 @@ def test_show_empty_and_broken_caches(tmp_path):
     bad.write_bytes(b"nope" * 100)
     result = CliRunner().invoke(main, ["show", "--cache", str(bad)])
     assert result.exit_code == 1 and result.output.startswith("Error: cannot read the cache")
+
+
+def test_tune_nsa_fills_the_cache_and_is_idempotent(tmp_path):
+    from copytune.cache.store import Store
+
+    cache = str(tmp_path / "c.db")
+    args = ["tune", "--model", "nsa", "--batch-sizes", "1,3,4", "--max-len", "64", "--mode", "eager",
+            "--device", "cpu", "--cache", cache]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    rows = Store(cache).rows()
+    assert len(rows) == 2  # bs 3 and 4 share a bucket
+    assert "3 batches, 2 keys" in first.output and "tuned" in first.output
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0 and "tuned" not in second.output.split("origin", 1)[1]
+    assert " cache" in second.output and len(Store(cache).rows()) == 2
+
+
+def test_tune_unknown_model_lists_the_known_ones(tmp_path):
+    result = CliRunner().invoke(main, ["tune", "--model", "llama", "--cache", str(tmp_path / "c.db")])
+    assert result.exit_code == 1 and "unknown model 'llama'; known: nsa" in result.output
+    assert "Traceback" not in result.output

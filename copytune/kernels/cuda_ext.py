@@ -183,6 +183,15 @@ class BoundCuda:
         else:
             self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
 
+    def set_shape(self, i: int, rows: int, row_bytes: int, src_stride: int, dst_stride: int) -> bool:
+        """Copy ``i`` now moves ``rows`` rows of ``row_bytes`` bytes with these row strides (bytes); False if it
+        was empty when bound (not in the kernel's list), so the caller must bind anew."""
+        j = i if self.live is None else (self.live.index(i) if i in self.live else -1)
+        if j < 0:
+            return False
+        self.batch.set_shape(j, rows, row_bytes, src_stride, dst_stride)
+        return True
+
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])

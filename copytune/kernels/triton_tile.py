@@ -8,6 +8,7 @@ of elements makes every dtype (bf16, fp8, bool, int64, ...) a raw, bit-exact byt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import triton
@@ -146,15 +147,42 @@ class TritonStrategy:
 class BoundTriton:
     """A plan bound to compiled launches; ``(srcs)`` swaps in new source addresses, nothing else per call."""
 
-    __slots__ = ("launches", "offsets", "params", "plan", "strategy")
+    __slots__ = ("launches", "offsets", "params", "plan", "resized", "strategy")
 
     def __init__(self, strategy: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
         self.strategy, self.plan, self.params, self.launches = strategy, plan, params, launches
         self.offsets = None
+        self.resized = False
 
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         self.offsets = list(offsets)
+
+    def set_shape(self, i: int, rows: int, row_bytes: int, src_stride: int, dst_stride: int) -> bool:
+        """Copy ``i`` now moves ``rows`` rows of ``row_bytes`` bytes with these row strides (bytes). False when
+        the launch's unit does not divide them or the copy was empty when bound: the caller binds anew."""
+        for k, (go, args, slots, mask) in enumerate(self.launches):
+            if not any(j == i for _, j in slots):
+                continue
+            if (row_bytes | src_stride | dst_stride) & mask or rows == 0:
+                return False
+            idx = [j for _, j in slots]
+            descs = [self.plan.descs[j] for j in idx]
+            descs[idx.index(i)] = dataclasses.replace(descs[idx.index(i)], rows=rows, row_bytes=row_bytes,
+                                                      src_row_stride=src_stride, dst_row_stride=dst_stride)
+            grid, new_args, _ = self.strategy.layout(descs, mask + 1, self.params, self.plan.device)
+            constexprs = {"UNIT": UNIT_TYPES[mask + 1], "BLOCK": self.params["block"]}
+            go = self.strategy.launcher.bind(self.plan.device, grid, constexprs, self.params["num_warps"], new_args)
+            src_pos = {j: pos for pos, j in slots}
+            for pos, j in slots:  # keep the current source addresses
+                new_args[pos] = args[src_pos[j]]
+            self.launches[k] = (go, tuple(new_args), slots, mask)
+            descs_all = list(self.plan.descs)
+            descs_all[i] = descs[idx.index(i)]
+            self.plan = dataclasses.replace(self.plan, descs=tuple(descs_all))
+            self.resized = True
+            return True
+        return False
 
     def __call__(self, srcs=None) -> None:
         if srcs is None:
@@ -172,6 +200,10 @@ class BoundTriton:
             go(args)
 
     def _rebind(self, srcs) -> None:
+        from copytune.kernels.base import UnsupportedPlan  # noqa: PLC0415
+
+        if self.resized:  # the bound views no longer describe the copies: the caller must bind anew
+            raise UnsupportedPlan("a new source breaks the launch's alignment after a resize; bind anew")
         if self.offsets is not None:
             srcs = [as_view(b, s, off) for b, (s, _), off in zip(srcs, self.plan.pairs, self.offsets)]
         pairs = [(s, d) for s, (_, d) in zip(srcs, self.plan.pairs)]

@@ -35,6 +35,19 @@ class BoundBatch {
     offsets_ = offsets;
   }
 
+  // Copy i (among the bound non-empty copies) now has `rows` rows of `row_bytes` bytes, rows `src_stride` /
+  // `dst_stride` bytes apart; the destination address is unchanged. The caller guarantees both sides hold that
+  // many bytes (an NSA page table gaining a column: a new contiguous source, the same wide destination).
+  void set_shape(int64_t i, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(raw_.size()), "cuda_ext: copy index ", i, " out of range");
+    TORCH_CHECK(rows >= 0 && row_bytes >= 0 && src_stride >= 0 && dst_stride >= 0, "cuda_ext: negative shape");
+    raw_[i].rows = rows;
+    raw_[i].row_bytes = row_bytes;
+    raw_[i].src_stride = src_stride;
+    raw_[i].dst_stride = dst_stride;
+    plan();
+  }
+
   // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
   void run_sources(const std::vector<at::Tensor>& srcs) {
     TORCH_CHECK(srcs.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " sources, got ", srcs.size());
@@ -87,6 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &copytune::BoundBatch::run)
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
+      .def("set_shape", &copytune::BoundBatch::set_shape)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;

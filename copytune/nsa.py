@@ -1,0 +1,319 @@
+"""The NSA (native sparse attention) backend's CUDA-graph metadata refresh, as one tuned launch.
+
+Before every decode replay the serving engine's NSA backend copies freshly computed metadata into graph-static
+buffers with 6–8 ``.copy_()`` calls (``init_forward_metadata_replay_cuda_graph_from_precomputed``).
+``batched_copy_metadata`` performs exactly those copies, with the same bytes, through one launch of the tuned
+strategy. The first call per (buffers, sizes, mode) validates and binds; later calls read the new sources'
+addresses from their base tensors (no slice views: each costs ~3.5 µs on an H100) and launch.
+
+Names, shapes and the copy list follow the engine's ``NSAMetadata`` / ``PrecomputedMetadata`` (all int32).
+``bs`` is the batch, ``D`` the draft tokens per request, ``n`` = bs in decode and bs·D in target-verify.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from copytune.dispatch import Dispatcher, default_dispatcher
+
+FORWARD_MODES = ("decode", "target_verify", "draft_extend")
+NSA_TOPK = 2048  # DeepSeek-V3.2's index top-k: NSA sequence lengths are clamped to it
+BINDINGS_PER_METADATA = 64  # bound sizes kept per metadata set (oldest dropped first)
+
+
+@dataclass(eq=False)
+class NSAMetadata:
+    """Graph-static buffers of one backend for one captured batch size (views of ``max_num_tokens`` buffers)."""
+
+    cache_seqlens_int32: torch.Tensor  # [bs]
+    cu_seqlens_k: torch.Tensor  # [bs + 1], written at [1:]
+    page_table_1: torch.Tensor  # [n, max_context_len], written at [:rows, :max_len]
+    nsa_cache_seqlens_int32: torch.Tensor  # [n]
+    nsa_cu_seqlens_k: torch.Tensor  # [n + 1], written at [1:1 + size]
+    nsa_seqlens_expanded: torch.Tensor  # [n] (target-verify, draft-extend)
+    real_page_table: torch.Tensor | None = None  # [n, ceil(max_context_len / page_size)] when page_size > 1
+    flashmla_metadata: torch.Tensor | None = None  # FlashMLA scheduler metadata, written at [:size + 1]
+
+
+@dataclass(eq=False)
+class PrecomputedMetadata:
+    """The freshly computed values of one step (the engine computes them once for all draft-step backends)."""
+
+    cache_seqlens: torch.Tensor  # [bs]
+    cu_seqlens_k: torch.Tensor  # [bs + 1]
+    page_indices: torch.Tensor  # [rows, max_len]
+    real_page_table: torch.Tensor | None  # [rows, ceil(max_len / page_size)]
+    seqlens_expanded: torch.Tensor  # [size]
+    nsa_cache_seqlens: torch.Tensor  # [size]
+    nsa_cu_seqlens_k: torch.Tensor  # [size + 1]
+    seqlens_expanded_size: int
+    max_len: int  # page-table columns in decode
+    max_seqlen_k: int  # page-table columns in target-verify and draft-extend
+    flashmla_metadata: torch.Tensor | None = None
+
+
+def forward_mode_name(forward_mode) -> str:
+    """``"decode"``, ``"target_verify"`` or ``"draft_extend"`` from a string or the engine's ``ForwardMode``."""
+    if isinstance(forward_mode, str):
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        return forward_mode
+    if forward_mode.is_decode_or_idle():
+        return "decode"
+    if forward_mode.is_target_verify():
+        return "target_verify"
+    if forward_mode.is_draft_extend():
+        return "draft_extend"
+    raise ValueError(f"unsupported forward mode {forward_mode}")
+
+
+def _copies(md: NSAMetadata, pre: PrecomputedMetadata, mode: str) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """(source view, base attribute of ``pre``, destination view) in the engine's order."""
+    size = pre.seqlens_expanded_size
+    out = [(pre.cache_seqlens, "cache_seqlens", md.cache_seqlens_int32),
+           (pre.cu_seqlens_k[1:], "cu_seqlens_k", md.cu_seqlens_k[1:])]
+    if mode == "decode":
+        out += [(pre.page_indices, "page_indices", md.page_table_1[:, :pre.max_len]),
+                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32)]
+    elif mode == "target_verify":
+        out += [(pre.page_indices, "page_indices", md.page_table_1[:, :pre.max_seqlen_k]),
+                (pre.seqlens_expanded, "seqlens_expanded", md.nsa_seqlens_expanded),
+                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32)]
+    else:
+        rows = pre.page_indices.shape[0]
+        out += [(pre.page_indices, "page_indices", md.page_table_1[:rows, :pre.max_seqlen_k]),
+                (pre.seqlens_expanded, "seqlens_expanded", md.nsa_seqlens_expanded[:size]),
+                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32[:size])]
+    out.append((pre.nsa_cu_seqlens_k[1:1 + size], "nsa_cu_seqlens_k", md.nsa_cu_seqlens_k[1:1 + size]))
+    if pre.real_page_table is not None:
+        rows, cols = pre.real_page_table.shape
+        out.append((pre.real_page_table, "real_page_table", md.real_page_table[:rows, :cols]))
+    if pre.flashmla_metadata is not None:
+        out.append((pre.flashmla_metadata, "flashmla_metadata", md.flashmla_metadata[:size + 1]))
+    return out
+
+
+def copy_pairs(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode"):
+    """The exact (src, dst) list the backend's replay step copies, in its order, as views."""
+    return [(s, d) for s, _, d in _copies(metadata, precomputed, forward_mode_name(forward_mode))]
+
+
+def reference_copy(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode") -> None:
+    """The engine's original sequence of ``.copy_()`` calls (for tests and benchmarks)."""
+    for src, dst in copy_pairs(metadata, precomputed, forward_mode):
+        dst.copy_(src)
+
+
+# -- the hot path ---------------------------------------------------------------------------------------------
+class _Binding:
+    """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
+    (the longest sequence grows), so they are resized in place instead of being part of the key."""
+
+    __slots__ = ("attrs", "bound", "cols", "resizable", "widths")
+
+    def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
+        triples = [t for md in metadatas for t in _copies(md, pre, mode)]
+        self.attrs = tuple(a for _, a, _ in triples)
+        self.bound = dispatcher.bind([(s, d) for s, _, d in triples], checked=False,
+                                     bases=[getattr(pre, a) for a in self.attrs])
+        # copies whose columns follow the step's longest sequence: index -> (attr, widest the buffer takes)
+        self.widths = {i: (a, _base_width(d)) for i, (_, a, d) in enumerate(triples)
+                       if a in ("page_indices", "real_page_table")}
+        self.cols = {i: triples[i][0].shape[1] for i in self.widths}
+        self.resizable = not self.bound.strategy.startswith("torch")
+
+    def run(self, pre: PrecomputedMetadata) -> bool:
+        """Launch for ``pre``; False when a column count changed and could not be resized in place."""
+        for i, (attr, width) in self.widths.items():
+            src = getattr(pre, attr)
+            rows, cols = src.shape
+            if cols != self.cols[i]:
+                if cols > width:
+                    raise ValueError(f"{attr} has {cols} columns; the metadata buffer holds {width}")
+                if not self.resizable or not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
+                    return False
+                self.cols[i] = cols
+        self.bound.run([getattr(pre, a) for a in self.attrs])
+        return True
+
+
+def _base_width(dst_view: torch.Tensor) -> int:
+    """Columns available to a ``buffer[:rows, :cols]`` destination: the buffer's row stride."""
+    return dst_view.stride(0) if dst_view.dim() == 2 else dst_view.numel()
+
+
+_bindings: dict[tuple, dict[tuple, _Binding]] = {}
+
+
+def _structure_key(pre: PrecomputedMetadata, mode: str) -> tuple:
+    """Everything the copy list depends on besides the destination buffers and the page tables' columns."""
+    rpt, fm = pre.real_page_table, pre.flashmla_metadata
+    return (mode, pre.seqlens_expanded_size, pre.page_indices.shape[0], rpt is None, None if fm is None
+            else fm.shape)
+
+
+def _binding(metadatas: Sequence[NSAMetadata], pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher,
+             fresh: bool = False) -> _Binding:
+    owner = tuple(map(id, metadatas))
+    table = _bindings.get(owner)
+    if table is None:
+        table = _bindings[owner] = {}
+        for md in metadatas:  # forget the bindings when any of these buffer sets is freed
+            weakref.finalize(md, _bindings.pop, owner, None)
+    key = (_structure_key(pre, mode), id(dispatcher))
+    entry = None if fresh else table.get(key)
+    if entry is None:
+        if len(table) >= BINDINGS_PER_METADATA:
+            table.pop(next(iter(table)))
+        entry = table[key] = _Binding(metadatas, pre, mode, dispatcher)
+    return entry
+
+
+def batched_copy_metadata(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode", *,
+                          dispatcher: Dispatcher | None = None) -> None:
+    """Refresh ``metadata`` from ``precomputed`` exactly as the backend's ``.copy_()`` sequence does, in one
+    tuned launch. The first call per structure validates and binds (and tunes, if this signature is new)."""
+    batched_copy_metadata_multi((metadata,), precomputed, forward_mode, dispatcher=dispatcher)
+
+
+def batched_copy_metadata_multi(metadatas: Sequence[NSAMetadata], precomputed: PrecomputedMetadata,
+                                forward_mode="decode", *, dispatcher: Dispatcher | None = None) -> None:
+    """Refresh several backends' buffers (one per draft step in speculative decoding) from one precomputed set,
+    all in one batch; the engine's own fused kernel hard-codes 3 backends, this takes any number."""
+    mode = forward_mode_name(forward_mode)
+    dispatcher = dispatcher or default_dispatcher("eager")
+    binding = _binding(metadatas, precomputed, mode, dispatcher)
+    if not binding.run(precomputed):
+        _binding(metadatas, precomputed, mode, dispatcher, fresh=True).run(precomputed)
+
+
+# -- examples -------------------------------------------------------------------------------------------------
+def _rand(shape, device, generator, low=1, high=1 << 30) -> torch.Tensor:
+    return torch.randint(low, high, shape, dtype=torch.int32, device="cpu", generator=generator).to(device)
+
+
+def _cu(seqlens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+
+
+def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, page_size: int = 64,
+                 forward_mode="decode", draft_tokens: int = 4, topk: int = NSA_TOPK, flashmla: bool = False,
+                 device="cpu", seed: int = 0) -> tuple[NSAMetadata, PrecomputedMetadata]:
+    """Realistic metadata buffers (poisoned with random non-zero values) and one step's precomputed values.
+
+    ``max_len`` is the longest sequence of the step; ``max_context_len`` the buffers' width (default 2·max_len).
+    """
+    mode = forward_mode_name(forward_mode)
+    g = torch.Generator().manual_seed(seed)
+    width = max_context_len or max(2 * max_len, 128)
+    n_max = bs if mode == "decode" else bs * draft_tokens
+    seqlens = _rand((bs,), "cpu", g, 1, max_len + 1)
+    seqlens[int(torch.randint(0, bs, (1,), generator=g))] = max_len  # the step's longest sequence
+    if mode == "decode":
+        qo = torch.ones(bs, dtype=torch.int32)
+        kv = seqlens
+    elif mode == "target_verify":
+        qo = torch.full((bs,), draft_tokens, dtype=torch.int32)
+        kv = seqlens + draft_tokens
+    else:
+        qo = _rand((bs,), "cpu", g, 1, draft_tokens + 1)
+        kv = torch.maximum(seqlens, qo)
+    cols = int(kv.max()) if mode != "decode" else max_len
+    rows_per_req = _rand((bs, cols), "cpu", g)
+    page_indices = torch.repeat_interleave(rows_per_req, qo.long(), dim=0) if mode != "decode" else rows_per_req
+    expanded = kv if mode == "decode" else torch.cat(
+        [torch.arange(k - q + 1, k + 1, dtype=torch.int32) for q, k in zip(qo.tolist(), kv.tolist())])
+    nsa = expanded.clamp(max=topk)
+    real = None
+    if page_size > 1:
+        real = (page_indices[:, ::page_size] // page_size).contiguous()
+    size = expanded.numel()
+    flash = _rand((size + 1, 8), "cpu", g) if flashmla else None
+    pre = PrecomputedMetadata(
+        cache_seqlens=kv.to(device), cu_seqlens_k=_cu(kv).to(device), page_indices=page_indices.to(device),
+        real_page_table=None if real is None else real.to(device), seqlens_expanded=expanded.to(device),
+        nsa_cache_seqlens=nsa.to(device), nsa_cu_seqlens_k=_cu(nsa).to(device), seqlens_expanded_size=size,
+        max_len=max_len if mode == "decode" else -1, max_seqlen_k=cols, flashmla_metadata=None if flash is None
+        else flash.to(device))
+    max_tokens = n_max + 7  # graph buffers are views of larger [max_num_tokens, ...] allocations
+    md = NSAMetadata(
+        cache_seqlens_int32=_rand((max_tokens,), device, g)[:bs],
+        cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:bs + 1],
+        page_table_1=_rand((max_tokens, width), device, g)[:n_max],
+        nsa_cache_seqlens_int32=_rand((max_tokens,), device, g)[:n_max],
+        nsa_cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:n_max + 1],
+        nsa_seqlens_expanded=_rand((max_tokens,), device, g)[:n_max],
+        real_page_table=_rand((max_tokens, math.ceil(width / page_size)), device, g)[:n_max] if page_size > 1
+        else None,
+        flashmla_metadata=_rand((max_tokens + 1, 8), device, g)[:n_max + 1] if flashmla else None)
+    return md, pre
+
+
+# -- the engine hook ------------------------------------------------------------------------------------------
+REPLAY_METHOD = "init_forward_metadata_replay_cuda_graph_from_precomputed"
+ENGINE_BACKENDS = ("sglang.srt.layers.attention.nsa_backend:NativeSparseAttnBackend",
+                   "sglang.srt.layers.attention.dsa.dsa_backend:NativeSparseAttnBackend")
+
+
+def install(backend_cls: type | None = None) -> bool:
+    """Route ``backend_cls.init_forward_metadata_replay_cuda_graph_from_precomputed`` through
+    ``batched_copy_metadata``. Without an argument, patches the serving engine's NSA backend if it is installed;
+    returns False (with a warning saying why) when there is nothing to patch. Idempotent.
+
+    Calls the patch does not understand (extra arguments, a FlashMLA metadata object that is not a tensor) go to
+    the original method unchanged.
+    """
+    if backend_cls is None:
+        backend_cls = _engine_backend()
+        if backend_cls is None:
+            warnings.warn("copytune.nsa.install: the serving engine's NSA backend is not installed; nothing patched",
+                          RuntimeWarning, stacklevel=2)
+            return False
+    original = getattr(backend_cls, REPLAY_METHOD, None)
+    if original is None:
+        warnings.warn(f"copytune.nsa.install: {backend_cls.__name__} has no {REPLAY_METHOD}; nothing patched",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    if getattr(original, "__copytune__", False):
+        return True
+
+    def replay(self, bs, precomputed, forward_mode, *args, **kwargs):
+        flash = getattr(precomputed, "flashmla_metadata", None)
+        if args or kwargs or (flash is not None and not isinstance(flash, torch.Tensor)):
+            return original(self, bs, precomputed, forward_mode, *args, **kwargs)
+        if hasattr(self, "set_nsa_prefill_impl"):
+            self.set_nsa_prefill_impl(forward_batch=None)
+        metadata = self.decode_cuda_graph_metadata[bs]
+        batched_copy_metadata(metadata, precomputed, forward_mode)
+        self.forward_metadata = metadata
+
+    replay.__copytune__ = True
+    replay.__wrapped__ = original
+    replay.__doc__ = original.__doc__
+    setattr(backend_cls, REPLAY_METHOD, replay)
+    return True
+
+
+def uninstall(backend_cls: type) -> None:
+    """Undo ``install`` on ``backend_cls``."""
+    method = getattr(backend_cls, REPLAY_METHOD, None)
+    if getattr(method, "__copytune__", False):
+        setattr(backend_cls, REPLAY_METHOD, method.__wrapped__)
+
+
+def _engine_backend() -> type | None:
+    import importlib  # noqa: PLC0415
+
+    for path in ENGINE_BACKENDS:
+        module, _, name = path.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None

@@ -1,0 +1,150 @@
+"""NSA metadata refresh: bit-exact with the engine's own .copy_() sequence, every mode, across steps."""
+
+import warnings
+
+import pytest
+import torch
+
+from copytune import Dispatcher, get_strategy, nsa
+from copytune.nsa import NSAMetadata, batched_copy_metadata, batched_copy_metadata_multi, make_example
+
+
+def clone(md: NSAMetadata) -> NSAMetadata:
+    """The same views over cloned base buffers (guard bands included)."""
+    def c(t):
+        if t is None:
+            return None
+        base = t._base if t._base is not None else t
+        copy = base.clone()
+        return torch.as_strided(copy, t.shape, t.stride(), t.storage_offset())
+    return NSAMetadata(**{f: c(getattr(md, f)) for f in md.__dataclass_fields__})
+
+
+def assert_same(got: NSAMetadata, want: NSAMetadata):
+    for f in got.__dataclass_fields__:
+        g, w = getattr(got, f), getattr(want, f)
+        if g is None:
+            assert w is None
+            continue
+        gb, wb = (g._base if g._base is not None else g), (w._base if w._base is not None else w)
+        assert torch.equal(gb, wb), f"{f} differs"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+STRATEGIES = ["default", "triton_unified", "cuda_ext"]
+
+
+def dispatcher_for(name, tmp_path, device):
+    if name != "default" and get_strategy(name).available(device) is not None:
+        pytest.skip(get_strategy(name).available(device))
+    return Dispatcher(tmp_path / "c.db", tune=False, strategy=None if name == "default" else name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mode", nsa.FORWARD_MODES)
+@pytest.mark.parametrize("page_size, flashmla", [(64, False), (1, True)])
+def test_refresh_matches_the_engine_copies_over_steps(strategy, mode, page_size, flashmla, tmp_path, device):
+    d = dispatcher_for(strategy, tmp_path, device)
+    md, _ = make_example(3, 40, 256, page_size=page_size, forward_mode=mode, flashmla=flashmla, device=device)
+    for step, max_len in enumerate([40, 41, 41, 77, 12]):  # columns grow, repeat, jump and shrink
+        _, pre = make_example(3, max_len, 256, page_size=page_size, forward_mode=mode, flashmla=flashmla,
+                              device=device, seed=step + 1)
+        want = clone(md)
+        nsa.reference_copy(want, pre, mode)
+        batched_copy_metadata(md, pre, mode, dispatcher=d)
+        sync(device)
+        assert_same(md, want)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_three_backends_in_one_batch(strategy, tmp_path, device):
+    d = dispatcher_for(strategy, tmp_path, device)
+    mds = [make_example(4, 30, 128, device=device, seed=10 + k)[0] for k in range(3)]
+    for step in range(3):
+        _, pre = make_example(4, 30 + step, 128, device=device, seed=step)
+        wants = [clone(md) for md in mds]
+        for w in wants:
+            nsa.reference_copy(w, pre, "decode")
+        batched_copy_metadata_multi(mds, pre, "decode", dispatcher=d)
+        sync(device)
+        for md, w in zip(mds, wants):
+            assert_same(md, w)
+
+
+def test_copy_pairs_follow_the_engine_layout():
+    md, pre = make_example(4, 50, 128, page_size=64)
+    pairs = nsa.copy_pairs(md, pre, "decode")
+    assert len(pairs) == 6
+    (s1, d1), (_, d2) = pairs[1], pairs[2]
+    assert d1.data_ptr() == md.cu_seqlens_k.data_ptr() + 4 and s1.shape == (4,)
+    assert d2.shape == (4, 50) and d2.stride() == (128, 1)
+    assert nsa.copy_pairs(md, pre, "decode")[5][1].shape == pre.real_page_table.shape
+
+
+def test_example_contents_are_realistic():
+    md, pre = make_example(8, 300, forward_mode="target_verify", draft_tokens=3)
+    assert pre.page_indices.shape == (24, pre.max_seqlen_k) and pre.seqlens_expanded_size == 24
+    assert int(pre.cache_seqlens.max()) == 303 and (pre.nsa_cache_seqlens <= nsa.NSA_TOPK).all()
+    assert torch.equal(pre.cu_seqlens_k[1:], pre.cache_seqlens.cumsum(0).int())
+    assert (md.page_table_1 != 0).all()  # poisoned, not zeros
+
+
+def test_page_table_wider_than_the_buffer_is_an_error(tmp_path, device):
+    d = Dispatcher(tmp_path / "c.db", tune=False)
+    md, pre = make_example(2, 40, 64, device=device)
+    batched_copy_metadata(md, pre, dispatcher=d)
+    _, wide = make_example(2, 100, 128, device=device)
+    with pytest.raises(ValueError, match="page_indices has 100 columns; the metadata buffer holds 64|pair 2"):
+        batched_copy_metadata(md, wide, dispatcher=d)
+
+
+def test_unknown_forward_mode():
+    with pytest.raises(ValueError, match="forward_mode must be one of"):
+        nsa.forward_mode_name("prefill")
+
+
+class StandInBackend:
+    """The engine backend's shape: graph metadata per bs, and the replay method the hook replaces."""
+
+    def __init__(self, metadata_by_bs):
+        self.decode_cuda_graph_metadata = metadata_by_bs
+        self.prefill_impl_calls = 0
+        self.forward_metadata = None
+
+    def set_nsa_prefill_impl(self, forward_batch=None):
+        self.prefill_impl_calls += 1
+
+    def init_forward_metadata_replay_cuda_graph_from_precomputed(self, bs, precomputed, forward_mode):
+        self.set_nsa_prefill_impl(forward_batch=None)
+        metadata = self.decode_cuda_graph_metadata[bs]
+        nsa.reference_copy(metadata, precomputed, forward_mode)
+        self.forward_metadata = metadata
+
+
+def test_hook_routes_the_replay_through_copytune(device):
+    md, pre = make_example(5, 64, 128, device=device)
+    reference = StandInBackend({5: clone(md)})
+    reference.init_forward_metadata_replay_cuda_graph_from_precomputed(5, pre, "decode")
+    assert nsa.install(StandInBackend) and nsa.install(StandInBackend)  # idempotent
+    try:
+        method = StandInBackend.init_forward_metadata_replay_cuda_graph_from_precomputed
+        assert method.__copytune__
+        backend = StandInBackend({5: md})
+        backend.init_forward_metadata_replay_cuda_graph_from_precomputed(5, pre, "decode")
+        sync(device)
+        assert backend.forward_metadata is md and backend.prefill_impl_calls == 1
+        assert_same(md, reference.decode_cuda_graph_metadata[5])
+    finally:
+        nsa.uninstall(StandInBackend)
+    assert not getattr(StandInBackend.init_forward_metadata_replay_cuda_graph_from_precomputed, "__copytune__", 0)
+
+
+def test_install_without_the_engine_is_a_clear_noop():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert nsa.install() is False
+    assert any("not installed; nothing patched" in str(w.message) for w in caught)
