@@ -250,6 +250,24 @@ class BoundCopy:
     def strategy(self) -> str:
         return self.choice.strategy
 
+    def follow_source_shape(self, i: int, max_row_bytes: int) -> bool:
+        """Let copy ``i`` take its columns and source row stride from each new 2-D source (rows fixed), checked
+        against ``max_row_bytes`` before each launch; False when the strategy cannot (use ``resize_copy``)."""
+        follow = getattr(self._launch, "follow_source_shape", None)
+        d = self.plan.descs[i]
+        if follow is None or self.checked or self.plan.pairs[i][0].dim() != 2 or d.rows != \
+                self.plan.pairs[i][0].shape[0]:
+            return False
+        return follow(i, max_row_bytes, d.itemsize)
+
+    def sources_launcher(self):
+        """The cheapest callable that takes new sources, for call sites that run the same binding every step:
+        ``run`` minus the Python frames (unchecked bindings only)."""
+        if self.checked:
+            return self.run
+        fast = getattr(self._launch, "sources_launcher", None)
+        return fast() if fast is not None else self._launch
+
     def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:
         """Let copy ``i`` move ``rows`` rows of ``row_bytes`` bytes from now on, its sources' rows
         ``src_row_stride`` bytes apart, into the same destination rows (an NSA page table gaining a column each

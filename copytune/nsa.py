@@ -13,6 +13,7 @@ Names, shapes and the copy list follow the engine's ``NSAMetadata`` / ``Precompu
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -115,7 +116,7 @@ class _Binding:
     """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
     (the longest sequence grows), so they are resized in place instead of being part of the key."""
 
-    __slots__ = ("attrs", "bound", "cols", "resizable", "widths")
+    __slots__ = ("attrs", "bound", "cols", "get_sources", "launch", "resizable", "widths")
 
     def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
         triples = [t for md in metadatas for t in _copies(md, pre, mode)]
@@ -127,9 +128,23 @@ class _Binding:
                        if a in ("page_indices", "real_page_table")}
         self.cols = {i: triples[i][0].shape[1] for i in self.widths}
         self.resizable = not self.bound.strategy.startswith("torch")
+        self.get_sources = operator.attrgetter(*self.attrs) if len(self.attrs) > 1 else \
+            (lambda pre, a=self.attrs[0]: (getattr(pre, a),))
+        # where the kernel reads the page tables' widths from the sources itself, a step is one C++ call
+        if all(self.bound.follow_source_shape(i, width * 4) for i, (_, width) in self.widths.items()):
+            self.widths = {}
+        self.launch = self.bound.sources_launcher()
 
     def run(self, pre: PrecomputedMetadata) -> bool:
         """Launch for ``pre``; False when a column count changed and could not be resized in place."""
+        if not self.widths:
+            try:
+                self.launch(self.get_sources(pre))
+            except RuntimeError as exc:  # the kernel refused a page table wider than its buffer
+                if "the destination rows hold" in str(exc):
+                    raise ValueError(str(exc).splitlines()[0]) from None
+                raise
+            return True
         for i, (attr, width) in self.widths.items():
             src = getattr(pre, attr)
             rows, cols = src.shape
@@ -139,7 +154,7 @@ class _Binding:
                 if not self.resizable or not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
                     return False
                 self.cols[i] = cols
-        self.bound.run([getattr(pre, a) for a in self.attrs])
+        self.launch(self.get_sources(pre))
         return True
 
 

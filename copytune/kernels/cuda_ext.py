@@ -192,6 +192,19 @@ class BoundCuda:
         self.batch.set_shape(j, rows, row_bytes, src_stride, dst_stride)
         return True
 
+    def follow_source_shape(self, i: int, max_row_bytes: int, itemsize: int) -> bool:
+        """From now on copy ``i`` takes its columns and source row stride from each new (2-D) source tensor, read
+        in C++ on every run; more than ``max_row_bytes`` per row raises before the launch."""
+        j = i if self.live is None else (self.live.index(i) if i in self.live else -1)
+        if j < 0:
+            return False
+        self.batch.follow_source_shape(j, max_row_bytes, itemsize)
+        return True
+
+    def sources_launcher(self):
+        """The cheapest callable taking the new sources: the C++ method itself when no copy was empty."""
+        return self.batch.run_sources if self.live is None else self
+
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])

@@ -48,11 +48,30 @@ class BoundBatch {
     plan();
   }
 
+  // From now on copy i takes its row length and source row stride from each new source tensor (2-D, rows
+  // fixed): an NSA page table `[rows, max_len]` whose max_len grows every decode step, read here in C++ instead
+  // of a Python resize per step. `max_row_bytes` is what the destination rows hold; more is refused.
+  void follow_source_shape(int64_t i, int64_t max_row_bytes, int64_t itemsize) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(raw_.size()), "cuda_ext: copy index ", i, " out of range");
+    follow_.resize(raw_.size(), Follow{0, 0});
+    follow_[i] = Follow{max_row_bytes, itemsize};
+  }
+
   // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
   void run_sources(const std::vector<at::Tensor>& srcs) {
     TORCH_CHECK(srcs.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " sources, got ", srcs.size());
     for (size_t i = 0; i < raw_.size(); ++i) {
       raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
+      if (!follow_.empty() && follow_[i].itemsize) {
+        const at::Tensor& t = srcs[i];
+        TORCH_CHECK(t.dim() == 2 && t.size(0) == raw_[i].rows, "cuda_ext: source ", i, " must be 2-D with ",
+                    raw_[i].rows, " rows");
+        const int64_t row_bytes = t.size(1) * follow_[i].itemsize;
+        TORCH_CHECK(row_bytes <= follow_[i].max_row_bytes && t.stride(1) == 1, "cuda_ext: source ", i, " has ",
+                    t.size(1), " columns; the destination rows hold ", follow_[i].max_row_bytes / follow_[i].itemsize);
+        raw_[i].row_bytes = row_bytes;
+        raw_[i].src_stride = t.stride(0) * follow_[i].itemsize;
+      }
     }
     plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
     launch();
@@ -88,6 +107,10 @@ class BoundBatch {
   int device_;
   std::vector<RawCopy> raw_;
   std::vector<int64_t> offsets_;
+  struct Follow {
+    int64_t max_row_bytes, itemsize;  // itemsize 0: the copy keeps its bound shape
+  };
+  std::vector<Follow> follow_;
   std::vector<Params> params_;
   std::vector<int64_t> tiles_;
 };
@@ -101,6 +124,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
       .def("set_shape", &copytune::BoundBatch::set_shape)
+      .def("follow_source_shape", &copytune::BoundBatch::follow_source_shape)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
