@@ -262,7 +262,8 @@ class BoundCopy:
 
     def sources_launcher(self):
         """The cheapest callable that takes new sources, for call sites that run the same binding every step:
-        ``run`` minus the Python frames (unchecked bindings only)."""
+        ``run`` minus the Python frames (unchecked bindings only). It returns an error message (raise it) or a
+        falsy value."""
         if self.checked:
             return self.run
         fast = getattr(self._launch, "sources_launcher", None)

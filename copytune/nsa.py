@@ -138,12 +138,9 @@ class _Binding:
     def run(self, pre: PrecomputedMetadata) -> bool:
         """Launch for ``pre``; False when a column count changed and could not be resized in place."""
         if not self.widths:
-            try:
-                self.launch(self.get_sources(pre))
-            except RuntimeError as exc:  # the kernel refused a page table wider than its buffer
-                if "the destination rows hold" in str(exc):
-                    raise ValueError(str(exc).splitlines()[0]) from None
-                raise
+            err = self.launch(self.get_sources(pre))
+            if err:  # e.g. the kernel refused a page table wider than its buffer, before launching
+                raise (ValueError if "the destination rows hold" in err else RuntimeError)(err)
             return True
         for i, (attr, width) in self.widths.items():
             src = getattr(pre, attr)
@@ -154,7 +151,9 @@ class _Binding:
                 if not self.resizable or not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
                     return False
                 self.cols[i] = cols
-        self.launch(self.get_sources(pre))
+        err = self.launch(self.get_sources(pre))
+        if err:
+            raise RuntimeError(err)
         return True
 
 

@@ -178,36 +178,33 @@ class BoundCuda:
         self.batch, self.live = batch, live
 
     def __call__(self, srcs=None) -> None:
-        if srcs is None:
-            self.batch.run()
-        else:
+        err = self.batch.run() if srcs is None else \
             self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
+        if err:
+            raise RuntimeError(err)
 
     def set_shape(self, i: int, rows: int, row_bytes: int, src_stride: int, dst_stride: int) -> bool:
         """Copy ``i`` now moves ``rows`` rows of ``row_bytes`` bytes with these row strides (bytes); False if it
         was empty when bound (not in the kernel's list), so the caller must bind anew."""
         j = i if self.live is None else (self.live.index(i) if i in self.live else -1)
-        if j < 0:
-            return False
-        self.batch.set_shape(j, rows, row_bytes, src_stride, dst_stride)
-        return True
+        return j >= 0 and not self.batch.set_shape(j, rows, row_bytes, src_stride, dst_stride)
 
     def follow_source_shape(self, i: int, max_row_bytes: int, itemsize: int) -> bool:
         """From now on copy ``i`` takes its columns and source row stride from each new (2-D) source tensor, read
         in C++ on every run; more than ``max_row_bytes`` per row raises before the launch."""
         j = i if self.live is None else (self.live.index(i) if i in self.live else -1)
-        if j < 0:
-            return False
-        self.batch.follow_source_shape(j, max_row_bytes, itemsize)
-        return True
+        return j >= 0 and not self.batch.follow_source_shape(j, max_row_bytes, itemsize)
 
     def sources_launcher(self):
-        """The cheapest callable taking the new sources: the C++ method itself when no copy was empty."""
+        """The cheapest callable taking the new sources, returning an error message or a falsy value: the C++
+        method itself when no copy was empty (it returns "" on success: the module never throws, see binding.cpp)."""
         return self.batch.run_sources if self.live is None else self
 
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
-        self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])
+        err = self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])
+        if err:
+            raise RuntimeError(err)
 
 
 STRATEGY = CudaExt()

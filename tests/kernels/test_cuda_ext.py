@@ -101,3 +101,15 @@ def test_vector_width_follows_alignment(built):
                                 (torch.ones(255, dtype=torch.int32, device=dev), torch.empty(256, dtype=torch.int32,
                                                                                              device=dev)[1:])])
     assert get_strategy(NAME).bind(plan).batch.vector_bytes() == [16, 4]
+
+
+@pytest.mark.cuda
+def test_errors_are_python_exceptions_not_crashes(built):
+    """The module never throws across pybind (that crashed the process on the GPU hosts): bad calls come back as
+    messages and are raised in Python."""
+    dev = torch.device("cuda")
+    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(torch.ones(8, device=dev), torch.zeros(8, device=dev))]))
+    assert "expected 1 sources, got 0" in launch.batch.run_sources([])
+    with pytest.raises(RuntimeError, match="expected 1 sources, got 2"):
+        launch([torch.ones(8, device=dev), torch.ones(8, device=dev)])
+    assert launch.batch.set_shape(5, 1, 4, 0, 0) == "cuda_ext: copy index out of range"

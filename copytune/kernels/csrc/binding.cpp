@@ -5,17 +5,20 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string>
 #include <vector>
 
 #include "batched_copy.cuh"
 
 namespace copytune {
 
+// Errors come back as strings (empty on success) instead of exceptions: on the GPU hosts (torch 2.11, CUDA 13)
+// a c10::Error thrown out of this module through pybind11 crashed the process with SIGSEGV, and a serving process
+// must get a Python exception, never a crash. Every entry point catches everything it calls.
 class BoundBatch {
  public:
   // flat: 6 int64 per copy (src, dst, rows, row_bytes, src_stride, dst_stride), bytes; empty copies excluded.
   BoundBatch(const std::vector<int64_t>& flat, int64_t device) : device_(static_cast<int>(device)) {
-    TORCH_CHECK(flat.size() % 6 == 0, "cuda_ext: descriptor list length ", flat.size(), " is not a multiple of 6");
     raw_.resize(flat.size() / 6);
     for (size_t i = 0; i < raw_.size(); ++i) {
       raw_[i] = RawCopy{flat[6 * i], flat[6 * i + 1], flat[6 * i + 2], flat[6 * i + 3], flat[6 * i + 4],
@@ -27,54 +30,68 @@ class BoundBatch {
     plan();
   }
 
-  void run() { launch(); }
+  std::string run() { return launch(); }
 
   // Bytes to add to each new source's data_ptr() (callers that pass base tensors instead of slice views).
-  void set_source_offsets(const std::vector<int64_t>& offsets) {
-    TORCH_CHECK(offsets.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " offsets");
+  std::string set_source_offsets(const std::vector<int64_t>& offsets) {
+    if (offsets.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " offsets";
     offsets_ = offsets;
+    return "";
   }
 
   // Copy i (among the bound non-empty copies) now has `rows` rows of `row_bytes` bytes, rows `src_stride` /
   // `dst_stride` bytes apart; the destination address is unchanged. The caller guarantees both sides hold that
   // many bytes (an NSA page table gaining a column: a new contiguous source, the same wide destination).
-  void set_shape(int64_t i, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(raw_.size()), "cuda_ext: copy index ", i, " out of range");
-    TORCH_CHECK(rows >= 0 && row_bytes >= 0 && src_stride >= 0 && dst_stride >= 0, "cuda_ext: negative shape");
+  std::string set_shape(int64_t i, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
+    if (i < 0 || i >= static_cast<int64_t>(raw_.size())) return "cuda_ext: copy index out of range";
+    if (rows < 0 || row_bytes < 0 || src_stride < 0 || dst_stride < 0) return "cuda_ext: negative shape";
     raw_[i].rows = rows;
     raw_[i].row_bytes = row_bytes;
     raw_[i].src_stride = src_stride;
     raw_[i].dst_stride = dst_stride;
     plan();
+    return "";
   }
 
   // From now on copy i takes its row length and source row stride from each new source tensor (2-D, rows
   // fixed): an NSA page table `[rows, max_len]` whose max_len grows every decode step, read here in C++ instead
   // of a Python resize per step. `max_row_bytes` is what the destination rows hold; more is refused.
-  void follow_source_shape(int64_t i, int64_t max_row_bytes, int64_t itemsize) {
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(raw_.size()), "cuda_ext: copy index ", i, " out of range");
+  std::string follow_source_shape(int64_t i, int64_t max_row_bytes, int64_t itemsize) {
+    if (i < 0 || i >= static_cast<int64_t>(raw_.size()) || itemsize <= 0) return "cuda_ext: bad follow request";
     follow_.resize(raw_.size(), Follow{0, 0});
     follow_[i] = Follow{max_row_bytes, itemsize};
+    return "";
   }
 
   // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
-  void run_sources(const std::vector<at::Tensor>& srcs) {
-    TORCH_CHECK(srcs.size() == raw_.size(), "cuda_ext: expected ", raw_.size(), " sources, got ", srcs.size());
-    for (size_t i = 0; i < raw_.size(); ++i) {
-      raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
-      if (!follow_.empty() && follow_[i].itemsize) {
-        const at::Tensor& t = srcs[i];
-        TORCH_CHECK(t.dim() == 2 && t.size(0) == raw_[i].rows, "cuda_ext: source ", i, " must be 2-D with ",
-                    raw_[i].rows, " rows");
-        const int64_t row_bytes = t.size(1) * follow_[i].itemsize;
-        TORCH_CHECK(row_bytes <= follow_[i].max_row_bytes && t.stride(1) == 1, "cuda_ext: source ", i, " has ",
-                    t.size(1), " columns; the destination rows hold ", follow_[i].max_row_bytes / follow_[i].itemsize);
-        raw_[i].row_bytes = row_bytes;
-        raw_[i].src_stride = t.stride(0) * follow_[i].itemsize;
+  std::string run_sources(const std::vector<at::Tensor>& srcs) {
+    if (srcs.size() != raw_.size()) {
+      return "cuda_ext: expected " + std::to_string(raw_.size()) + " sources, got " + std::to_string(srcs.size());
+    }
+    try {
+      for (size_t i = 0; i < raw_.size(); ++i) {
+        raw_[i].src = reinterpret_cast<int64_t>(srcs[i].data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
+        if (!follow_.empty() && follow_[i].itemsize) {
+          const at::Tensor& t = srcs[i];
+          if (t.dim() != 2 || t.size(0) != raw_[i].rows) {
+            return "cuda_ext: source " + std::to_string(i) + " must be 2-D with " + std::to_string(raw_[i].rows) +
+                   " rows";
+          }
+          const int64_t row_bytes = t.size(1) * follow_[i].itemsize;
+          if (row_bytes > follow_[i].max_row_bytes || (t.stride(1) != 1 && t.size(1) != 1)) {
+            return "cuda_ext: source " + std::to_string(i) + " has " + std::to_string(t.size(1)) +
+                   " columns; the destination rows hold " +
+                   std::to_string(follow_[i].max_row_bytes / follow_[i].itemsize);
+          }
+          raw_[i].row_bytes = row_bytes;
+          raw_[i].src_stride = t.stride(0) * follow_[i].itemsize;
+        }
       }
+    } catch (const std::exception& e) {
+      return std::string("cuda_ext: ") + e.what();
     }
     plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
-    launch();
+    return launch();
   }
 
   std::vector<int64_t> vector_bytes() const {
@@ -94,14 +111,19 @@ class BoundBatch {
     }
   }
 
-  void launch() {
-    c10::cuda::OptionalCUDAGuard guard;
-    if (c10::cuda::current_device() != device_) guard.set_index(device_);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
-    for (size_t k = 0; k < params_.size(); ++k) {
-      const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], stream);
-      TORCH_CHECK(err == cudaSuccess, "cuda_ext: launch failed: ", cudaGetErrorString(err));
+  std::string launch() {
+    try {
+      c10::cuda::OptionalCUDAGuard guard;
+      if (c10::cuda::current_device() != device_) guard.set_index(device_);
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
+      for (size_t k = 0; k < params_.size(); ++k) {
+        const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], stream);
+        if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
+      }
+    } catch (const std::exception& e) {
+      return std::string("cuda_ext: ") + e.what();
     }
+    return "";
   }
 
   int device_;
