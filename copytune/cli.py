@@ -62,20 +62,40 @@ cache_option = click.option(
     help="SQLite cache file (default: $COPYTUNE_CACHE or ~/.cache/copytune/cache.db).")
 
 
-@main.command()
-@cache_option
-def show(cache_path: str | None) -> None:
-    """Table of cached winners: signature in words, mode, winner, its time, per-copy torch time, speedup.
-
-    Example: copytune show --cache ./fleet.db
-    """
+def _open_store(cache_path):
     from copytune.cache.store import Store
-    from copytune.signature import describe_signature
 
     store = Store(cache_path)
     rows = store.rows()
     if store.disabled:
         raise click.ClickException(f"cannot read the cache: {store.disabled}")
+    return store, rows
+
+
+def _this_device_fingerprint() -> dict:
+    import torch
+
+    from copytune.signature import device_fingerprint
+
+    return device_fingerprint("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@main.command()
+@cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def show(cache_path: str | None, as_json: bool) -> None:
+    """Table of cached winners: signature in words, mode, winner, its time, per-copy torch time, speedup.
+
+    Example: copytune show --cache ./fleet.db
+    """
+    import json
+
+    from copytune.signature import describe_signature
+
+    store, rows = _open_store(cache_path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, sort_keys=True))
+        return
     if not rows:
         click.echo(f"no tuned entries in {store.path}")
         return
@@ -88,6 +108,110 @@ def show(cache_path: str | None) -> None:
         speedup = r["baseline_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
         click.echo(f"{device:<24} {describe_signature(r['signature'])[:52]:<52} {r['mode']:<6} {r['strategy']:<18} "
                    f"{r['time_us']:8.2f} {r['baseline_us']:9.2f} {speedup:7.2f}×")
+
+
+@main.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--all-devices", is_flag=True, help="Export every device's entries, not only this machine's GPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (path, entries) instead of a line.")
+@cache_option
+def export_cmd(file: str, all_devices: bool, as_json: bool, cache_path: str | None) -> None:
+    """Write the tuned winners to a versioned JSON bundle (data only) for other machines (FILE '-' = stdout).
+
+    Example: copytune export h100.json && scp h100.json node7: && ssh node7 copytune import h100.json
+    """
+    import json
+
+    from copytune.cache.bundle import export_rows, make_bundle
+
+    store, _ = _open_store(cache_path)
+    rows = export_rows(store, None if all_devices else _this_device_fingerprint())
+    text = json.dumps(make_bundle(rows), indent=1, sort_keys=True)
+    if file == "-":
+        click.echo(text)
+        return
+    with open(file, "w") as f:
+        f.write(text + "\n")
+    click.echo(json.dumps({"path": file, "entries": len(rows)}) if as_json
+               else f"exported {len(rows)} entries to {file}")
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--replace", is_flag=True, help="Overwrite existing entries even when they are faster.")
+@click.option("--dry-run", is_flag=True, help="Validate and say what would change; write nothing.")
+@cache_option
+def import_cmd(file: str, replace: bool, dry_run: bool, cache_path: str | None) -> None:
+    """Merge a bundle into the cache: validated completely first, written in one transaction; per key the
+    faster entry is kept unless --replace. Entries of other devices are stored but never used here.
+
+    Example: copytune import h100.json --dry-run
+    """
+    from copytune.cache.bundle import BundleError, import_file
+    from copytune.cache.store import Store
+
+    try:
+        plan = import_file(file, Store(cache_path), replace=replace, dry_run=dry_run)
+    except BundleError as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    click.echo(("would import: " if dry_run else "imported: ") + plan.summary())
+
+
+@main.command()
+@click.option("--device-only", is_flag=True, help="Remove only the entries tuned on this machine's device.")
+@cache_option
+def clear(device_only: bool, cache_path: str | None) -> None:
+    """Delete tuned entries from the cache (all of them, or this device's).
+
+    Example: copytune clear --device-only
+    """
+    store, rows = _open_store(cache_path)
+    if device_only:
+        fp = _this_device_fingerprint()
+        removed = store.delete([r["key"] for r in rows if r["device"] == fp])
+    else:
+        removed = store.delete()
+    click.echo(f"removed {removed} entries from {store.path}")
+
+
+@main.command()
+@click.option("--model", default="nsa", show_default=True, help="Model profile whose batch to time.")
+@click.option("--bs", default=32, show_default=True, help="Batch size.")
+@click.option("--max-len", default=2048, show_default=True, help="Context length.")
+@click.option("--forward-mode", type=click.Choice(["decode", "target_verify", "draft_extend"]), default="decode",
+              show_default=True, help="Which replay step's copies.")
+@click.option("--device", default=None, help="Device (default: cuda if present, else cpu).")
+def bench(model, bs, max_len, forward_mode, device) -> None:
+    """Side-by-side table of every strategy (and parameter set) on one batch, eager and graph, as ratios to
+    per-copy torch from the same run. Nothing is stored.
+
+    Example: copytune bench --model nsa --bs 64 --max-len 8192
+    """
+    import torch
+
+    from copytune import CopyPlan, tuner
+    from copytune.models import get_profile
+
+    try:
+        profile = get_profile(model)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        _build_quietly(dev)
+    plan = CopyPlan.from_pairs(profile.example_pairs(bs, max_len, forward_mode, dev))
+    modes = ["eager", "graph"] if dev.type == "cuda" else ["eager"]
+    results = {m: tuner.tune(plan, m, pool=tuner.default_pool(dev)) for m in modes}
+    click.echo(f"{model} {forward_mode} bs={bs} max_len={max_len} on {dev}: {len(plan)} copies, {plan.nbytes} bytes")
+    click.echo(f"{'strategy':<18} {'params':<40} " + " ".join(f"{m + ' µs':>10} {'ratio':>6}" for m in modes))
+    for i, t in enumerate(results[modes[0]].timings):
+        cells = []
+        for m in modes:
+            r, tm = results[m], results[m].timings[i]
+            cells.append(f"{tm.time_us:10.2f} {tm.time_us / r.baseline_us:6.2f}" if tm.time_us is not None
+                         else f"{'-':>10} {'-':>6}")
+        params = ",".join(f"{k}={v}" for k, v in t.params.items()) or (t.reason or "")
+        click.echo(f"{t.strategy:<18} {params[:40]:<40} " + " ".join(cells))
 
 
 def _int_list(text: str) -> list[int]:

@@ -109,16 +109,27 @@ class Dispatcher:
             return None
         return Choice(row["strategy"], row["params"], "cache")
 
+    def adopt(self, row: dict) -> bool:
+        """Put a winner tuned elsewhere (``copytune.sync``) into the in-memory table, if its mode is this
+        dispatcher's and its strategy is usable on the device it was tuned for; True if taken."""
+        strategy = strategies().get(row["strategy"])
+        kind = row["device"].get("kind", "cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" and torch.cuda.is_available() \
+            else torch.device(kind if kind != "cuda" else "cpu")
+        if row["mode"] != self.mode or strategy is None or strategy.available(device) is not None:
+            return False
+        with self._lock:
+            self._table[row["key"]] = Choice(row["strategy"], row["params"], "cache")
+        return True
+
     def _tuned(self, key: str, plan: CopyPlan) -> Choice | None:
         if not self.tune or not plan.pairs:
             return None
         from copytune import tuner
 
-        pool = self._pool
-        if pool is None and plan.device.type != "cuda":  # Triton's CPU interpreter is a test tool, not a candidate
-            pool = {n: s for n, s in strategies().items() if n.startswith("torch")}
         try:
-            result = tuner.tune(plan, self.mode, pool=pool, timer=self._timer)
+            result = tuner.tune(plan, self.mode, pool=self._pool or tuner.default_pool(plan.device),
+                                timer=self._timer)
         except Exception as exc:  # noqa: BLE001 - tuning must never take the caller down
             warnings.warn(f"copytune: tuning failed ({type(exc).__name__}: {exc}); using the default strategy",
                           RuntimeWarning, stacklevel=4)
@@ -176,7 +187,11 @@ class Dispatcher:
         """
         plan = CopyPlan.from_pairs(pairs)
         choice = self.choose(plan) if plan.pairs else Choice("torch_per_copy", {}, "default")
-        launch = get_strategy(choice.strategy).bind(plan, choice.params)
+        try:
+            launch = get_strategy(choice.strategy).bind(plan, choice.params)
+        except UnsupportedPlan:  # e.g. a synced winner whose extension is not built on this machine
+            choice = Choice("torch_per_copy", {}, "default")
+            launch = get_strategy(choice.strategy).bind(plan)
         offsets = None
         if bases is not None:
             offsets = _view_offsets(plan, bases)

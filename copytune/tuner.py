@@ -75,6 +75,13 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
     return TuneResult(best.strategy, best.params, best.time_us, base, timings)
 
 
+def default_pool(device: torch.device) -> dict[str, Strategy]:
+    """Strategies worth timing on ``device``: all of them on CUDA; on a CPU only the torch ones (Triton's CPU
+    interpreter is a test tool, never a serving candidate)."""
+    table = strategies()
+    return dict(table) if device.type == "cuda" else {n: s for n, s in table.items() if n.startswith("torch")}
+
+
 def _measure(strategy, params: dict, scratch: Scratch, mode: str, timer: Timer, device) -> Timing:
     try:
         launch = strategy.bind(scratch.plan, params)  # compiles here

@@ -62,3 +62,18 @@ def test_tune_unknown_model_lists_the_known_ones(tmp_path):
     result = CliRunner().invoke(main, ["tune", "--model", "llama", "--cache", str(tmp_path / "c.db")])
     assert result.exit_code == 1 and "unknown model 'llama'; known: nsa" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_prints_every_strategy_against_per_copy_torch():
+    result = CliRunner().invoke(main, ["bench", "--bs", "4", "--max-len", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("nsa decode bs=4 max_len=64 on cpu: 6 copies")
+    baseline = next(ln for ln in lines if ln.startswith("torch_per_copy"))
+    assert baseline.split()[-1] == "1.00"
+    assert any(ln.startswith("torch_foreach") for ln in lines)
+
+
+def test_every_command_explains_itself_with_an_example():
+    for name, command in main.commands.items():
+        assert "Example: copytune" in (command.help or ""), name

@@ -124,17 +124,16 @@ class Store:
         encoded = encode_row(row)
         self._run("write", lambda db: db["winners"].upsert(encoded, pk="key"))
 
-    def put_many(self, rows: list[dict[str, Any]], replace: bool = True) -> None:
+    def put_many(self, rows: list[dict[str, Any]]) -> bool:
+        """Upsert ``rows`` in one transaction: all of them or, on any failure, none (False)."""
         encoded = [encode_row(r) for r in rows]
 
         def write(db):
             with db.conn:
                 db.conn.execute("BEGIN IMMEDIATE")
-                if replace:
-                    db["winners"].upsert_all(encoded, pk="key")
-                else:
-                    db["winners"].insert_all(encoded, pk="key", ignore=True)
-        self._run("write", write)
+                db["winners"].upsert_all(encoded, pk="key")
+            return True
+        return bool(self._run("write", write, default=False))
 
     def rows(self) -> list[dict[str, Any]]:
         """Every valid row, decoded; invalid rows are skipped with a warning."""
