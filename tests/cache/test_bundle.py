@@ -144,14 +144,14 @@ def test_fuzzed_fields_are_rejected_or_valid(field, value):
 
 
 def test_clear_all_and_device_only(tmp_path):
-    from copytune.signature import device_fingerprint
+    from copytune.cli import _this_device_fingerprint
 
     cache = str(tmp_path / "c.db")
-    here = device_fingerprint("cpu")
+    here = _this_device_fingerprint()  # the GPU's on a GPU machine, else the CPU's
     Store(cache).put_many([entry(32), entry(32, device=here, strategy="torch_foreach")])
     res = cli("clear", "--device-only", "--cache", cache)
     assert res.exit_code == 0 and "removed 1 entries" in res.output
-    assert [r["device"]["kind"] for r in Store(cache).rows()] == ["cuda"]
+    assert [r["device"] for r in Store(cache).rows()] == [GPU]
     assert "removed 1 entries" in cli("clear", "--cache", cache).output and Store(cache).rows() == []
 
 
