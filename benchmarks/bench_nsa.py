@@ -10,28 +10,19 @@ Usage: python benchmarks/bench_nsa.py [--bs 1,32,128,256] [--max-len 4096] [--ca
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 import copytune
 from copytune import Dispatcher, nsa
+from copytune.tuner import default_timer
 
 SETS = 8
 
 
-def _time(step, calls: int, repeats: int = 7) -> float:
-    out = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(calls):
-            step(i)
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(out)
+def _time(step, calls: int) -> float:
+    return default_timer(step, "eager", torch.device("cuda"), calls=calls, repeats=7)
 
 
 def main() -> int:

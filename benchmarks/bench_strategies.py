@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import copytune
 from copytune import CopyPlan
+from copytune.tuner import default_timer
 
 MAX_BS, MAX_PAGES, SETS = 512, 4096, 4
 
@@ -42,40 +41,14 @@ def nsa_batch(bs: int, max_len: int, device="cuda"):
     return dsts, [sources() for _ in range(SETS)]
 
 
-def _median_us(fn, calls: int, repeats: int = 7) -> float:
-    out = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(out)
+def _median_us(fn, calls: int) -> float:
+    """Eager: wall µs per call over ``calls`` back-to-back calls and one synchronize (the tuner's timer)."""
+    return default_timer(fn, "eager", torch.device("cuda"), calls=calls, repeats=7)
 
 
-def _graph_us(fn, per_graph: int = 20, replays: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(per_graph):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * per_graph))
-    return statistics.median(times)
+def _graph_us(fn) -> float:
+    """GPU µs per call: 20 calls captured in one CUDA graph, replayed (the tuner's timer)."""
+    return default_timer(fn, "graph", torch.device("cuda"), calls=1000, repeats=5)
 
 
 def verify(strategy, dsts, srcs) -> None:

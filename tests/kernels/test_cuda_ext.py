@@ -10,8 +10,9 @@ import torch
 
 from copytune import CopyPlan, get_strategy
 from copytune.kernels import UnsupportedPlan, cuda_ext
-from tests.cases import LAYOUTS, Case, check_bound_sources, check_strategy, random_case, random_fill
+from tests.cases import Case, check_strategy, random_fill
 from tests.kernels import triton_checks as checks
+from tests.kernels.exact_suite import *  # noqa: F403 - the shared exactness suite, for this strategy
 
 NAME = "cuda_ext"
 NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
@@ -57,27 +58,17 @@ def test_available_after_build_and_second_build_is_cached(built):
     assert cuda_ext.build("cuda")[1] == 0.0
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("seed", range(30))
-def test_random_batches_bit_exact(seed, built):
-    check_strategy(get_strategy(NAME), random_case(seed, torch.device("cuda"), layouts=LAYOUTS))
+@pytest.fixture
+def strategy_name(request):
+    """The shared exactness suite runs for cuda_ext on a GPU, after the extension is built."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    request.getfixturevalue("built")
+    return NAME
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("seed", range(4))
-def test_bound_launch_takes_new_sources(seed, built):
-    check_bound_sources(get_strategy(NAME), random_case(seed, torch.device("cuda"), max_copies=10), seed)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "check",
-    [checks.run_many_copies_chunked, checks.run_page_table_slice, checks.run_interleaved_destinations,
-     checks.run_unsupported_layout, checks.run_misaligned_new_source, checks.run_all_dtypes],
-    ids=lambda f: f.__name__[4:],
-)
-def test_layouts_and_edges(check, built):
-    check(NAME, torch.device("cuda"))
+def test_unsupported_layout_declined(strategy_name, device):
+    checks.run_unsupported_layout(NAME, device)
 
 
 @pytest.mark.cuda

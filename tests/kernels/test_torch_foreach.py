@@ -1,20 +1,13 @@
 import pytest
 
 from copytune import get_strategy
-from tests.cases import check_bound_sources, check_strategy, random_case
-
-NAME = "torch_foreach"
+from tests.kernels.exact_suite import *  # noqa: F403 - the shared exactness suite, for this strategy
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_random_batches_bit_exact(seed, device):
-    check_strategy(get_strategy(NAME), random_case(seed, device))
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_bound_launch_takes_new_sources(seed, device):
-    check_bound_sources(get_strategy(NAME), random_case(seed, device, max_copies=6), seed)
+@pytest.fixture
+def strategy_name():
+    return "torch_foreach"
 
 
 def test_available_everywhere():
-    assert get_strategy(NAME).available("cpu") is None
+    assert get_strategy("torch_foreach").available("cpu") is None
