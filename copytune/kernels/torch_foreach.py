@@ -1,5 +1,9 @@
 """``torch._foreach_copy_``: one multi-tensor-apply launch for dense pairs of one dtype and matching strides;
-torch itself falls back to one copy per pair for the rest."""
+torch itself falls back to one copy per pair for the rest.
+
+Not a byte copy for 16-bit floats: on an H100 (torch 2.11) the multi-tensor kernel goes through float and
+rewrites NaN payloads of float16/bfloat16, where ``copy_`` keeps them. So it declines batches with dtypes outside
+``BIT_EXACT_DTYPES``."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from copytune.kernels.base import Params, as_plan
+from copytune.kernels.base import Params, UnsupportedPlan, as_plan
 from copytune.plan import CopyPlan
 
 
@@ -18,12 +22,13 @@ class TorchForeach:
         return None if hasattr(torch, "_foreach_copy_") else f"torch {torch.__version__} has no _foreach_copy_"
 
     def supports(self, plan: CopyPlan) -> bool:
-        return True
+        return all(d.dtype in BIT_EXACT_DTYPES for _, d in plan.pairs)
 
     def candidates(self, plan: CopyPlan) -> list[Params]:
         return [{}]
 
     def bind(self, plan: CopyPlan, params: Params | None = None):
+        _check(self, plan)
         dsts = [d for _, d in plan.pairs]
         bound = [s for s, _ in plan.pairs]
 
@@ -34,10 +39,23 @@ class TorchForeach:
         return launch
 
     def runner(self, plan: CopyPlan, params: Params | None = None):
+        _check(self, plan)
         return foreach_copy
 
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
-        foreach_copy(as_plan(plan_or_pairs).pairs)
+        plan = as_plan(plan_or_pairs)
+        _check(self, plan)
+        foreach_copy(plan.pairs)
+
+
+BIT_EXACT_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                              torch.float32, torch.float64})
+
+
+def _check(strategy: TorchForeach, plan: CopyPlan) -> None:
+    if not strategy.supports(plan):
+        bad = next(i for i, (_, d) in enumerate(plan.pairs) if d.dtype not in BIT_EXACT_DTYPES)
+        raise UnsupportedPlan(f"torch_foreach is not bit-exact for {plan.pairs[bad][1].dtype} (pair {bad})")
 
 
 def foreach_copy(pairs) -> None:
