@@ -68,7 +68,7 @@ class CopyPlan:
             checked.append((src, dst))
             descs.append(describe(src, dst))
             if dst.numel():
-                extents.append((_extent(src), _extent(dst), i))
+                extents.append((extent(src), extent(dst), i))
         _check_overlaps(checked, extents)
         return cls(tuple(checked), tuple(descs), device)
 
@@ -140,11 +140,17 @@ def describe(src: torch.Tensor, dst: torch.Tensor) -> CopyDesc:
         else:
             rowwise = False
     sptr, dptr = src.data_ptr(), dst.data_ptr()
+    align = pow2_align(sptr, dptr, row_bytes, srs, drs)
+    return CopyDesc(sptr, dptr, isz, numel, rows, row_bytes, srs, drs, rowwise, align)
+
+
+def pow2_align(*values: int) -> int:
+    """The largest power of two <= MAX_ALIGN dividing every value."""
     align = MAX_ALIGN
-    for v in (sptr, dptr, row_bytes, srs, drs):
+    for v in values:
         while v % align:
             align //= 2
-    return CopyDesc(sptr, dptr, isz, numel, rows, row_bytes, srs, drs, rowwise, align)
+    return align
 
 
 def _has_internal_overlap(t: torch.Tensor) -> bool:
@@ -157,7 +163,7 @@ def _has_internal_overlap(t: torch.Tensor) -> bool:
     return False
 
 
-def _extent(t: torch.Tensor) -> tuple[int, int]:
+def extent(t: torch.Tensor) -> tuple[int, int]:
     lo = t.data_ptr()
     span = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
     return lo, lo + (span + 1) * t.element_size()
@@ -168,9 +174,9 @@ def _check_overlaps(pairs, extents) -> None:
     valid batch means interleaved slices of one buffer."""
     spans = []
     for (se, de, i) in extents:
-        if _meet(se, de):
+        if extents_meet(se, de):
             s, d = pairs[i]
-            if not _same_view(s, d) and _bytes_meet(s, d):
+            if not _same_view(s, d) and bytes_meet(s, d):
                 raise ValueError(f"pair {i}: source and destination partially overlap")
         spans.append((de[0], de[1], i, "destination"))
         spans.append((se[0], se[1], i, "source"))
@@ -184,12 +190,12 @@ def _check_overlaps(pairs, extents) -> None:
             first, second = (i, role), (j, role2)
             if second < first:
                 first, second = second, first
-            if _bytes_meet(pairs[first[0]][first[1] == "destination"], pairs[second[0]][second[1] == "destination"]):
+            if bytes_meet(pairs[first[0]][first[1] == "destination"], pairs[second[0]][second[1] == "destination"]):
                 (i1, r1), (j1, r2) = first, second
                 raise ValueError(f"pair {j1}: {r2} overlaps the {r1} of pair {i1}")
 
 
-def _meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
+def extents_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
@@ -206,7 +212,7 @@ def _byte_intervals(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((starts, starts + t.element_size()), dim=1)
 
 
-def _bytes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bytes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Exact test whether any byte of ``a`` is a byte of ``b``: sweep both interval sets sorted by start."""
     ia, ib = _byte_intervals(a), _byte_intervals(b)
     iv = torch.cat((ia, ib))

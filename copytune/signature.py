@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from copytune.plan import MAX_ALIGN, CopyPlan
+from copytune.plan import CopyPlan, pow2_align
 
 MODES = ("eager", "graph")
 
@@ -70,11 +70,7 @@ def device_fingerprint(device: torch.device | str) -> dict:
 
 def _address_align(d) -> int:
     """Alignment of a copy's addresses and row strides, not of its length: lengths vary inside a bucket."""
-    align = MAX_ALIGN
-    for v in (d.src, d.dst) + ((d.src_row_stride, d.dst_row_stride) if d.rows > 1 else ()):
-        while v % align:
-            align //= 2
-    return align
+    return pow2_align(d.src, d.dst, *((d.src_row_stride, d.dst_row_stride) if d.rows > 1 else ()))
 
 
 def shape_signature(plan: CopyPlan) -> list[list]:

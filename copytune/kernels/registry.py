@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from copytune.kernels.base import Strategy, UnsupportedPlan
 
 # Order is the fallback preference when nothing is tuned: fastest-known first among the always-correct ones.
@@ -57,6 +55,3 @@ def get_strategy(name: str) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(table)}")
     return table[name]
 
-
-def usable(name: str, device: torch.device | str) -> bool:
-    return get_strategy(name).available(device) is None

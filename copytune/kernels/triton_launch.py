@@ -112,10 +112,6 @@ class TritonLauncher:
         self._compiled: dict[tuple, object] = {}
         self._bound: dict[tuple, Callable] = {}  # one launcher closure per (device, warps, constexprs, grid)
 
-    def launch(self, device: torch.device, grid: Sequence[int], args: Sequence[int], constexprs: dict,
-               num_warps: int) -> None:
-        self.bind(device, grid, constexprs, num_warps, args)(args)
-
     def bind(self, device: torch.device, grid: Sequence[int], constexprs: dict, num_warps: int,
              example_args: Sequence[int]) -> Callable[[Sequence[int]], None]:
         """A callable ``go(args)`` that launches ``grid`` with new scalar args and nothing else per call.
