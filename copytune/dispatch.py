@@ -158,9 +158,10 @@ class Dispatcher:
         if run is None:
             run = self._runner(CopyPlan.from_pairs(pairs))
             if key is not None:
-                if len(self._runners) >= RUNNER_CACHE_SIZE:
-                    self._runners.pop(next(iter(self._runners)))
-                self._runners[key] = run
+                with self._lock:  # the miss path only: eviction iterates the dict
+                    if len(self._runners) >= RUNNER_CACHE_SIZE:
+                        self._runners.pop(next(iter(self._runners)))
+                    self._runners[key] = run
         run(pairs.pairs if isinstance(pairs, CopyPlan) else pairs)
 
     def _runner(self, plan: CopyPlan):

@@ -179,7 +179,10 @@ def _binding(metadatas: Sequence[NSAMetadata], pre: PrecomputedMetadata, mode: s
     if table is None:
         table = _bindings[owner] = {}
         for md in metadatas:  # forget the bindings when any of these buffer sets is freed
-            weakref.finalize(md, _bindings.pop, owner, None)
+            try:
+                weakref.finalize(md, _bindings.pop, owner, None)
+            except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
+                table[("pinned", id(md))] = md
     key = (_structure_key(pre, mode), id(dispatcher))
     entry = None if fresh else table.get(key)
     if entry is None:
