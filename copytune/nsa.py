@@ -163,6 +163,7 @@ def _base_width(dst_view: torch.Tensor) -> int:
 
 
 _bindings: dict[tuple, dict[tuple, _Binding]] = {}
+_pinned: dict[tuple, list] = {}  # metadata objects that cannot be weakly referenced, kept alive while bound
 
 
 def _structure_key(pre: PrecomputedMetadata, mode: str) -> tuple:
@@ -182,7 +183,7 @@ def _binding(metadatas: Sequence[NSAMetadata], pre: PrecomputedMetadata, mode: s
             try:
                 weakref.finalize(md, _bindings.pop, owner, None)
             except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
-                table[("pinned", id(md))] = md
+                _pinned.setdefault(owner, []).append(md)
     key = (_structure_key(pre, mode), id(dispatcher))
     entry = None if fresh else table.get(key)
     if entry is None:
