@@ -152,3 +152,19 @@ def test_install_without_the_engine_is_a_clear_noop():
         warnings.simplefilter("always")
         assert nsa.install() is False
     assert any("not installed; nothing patched" in str(w.message) for w in caught)
+
+
+def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device):
+    """An engine object with __slots__ cannot be weakly referenced: its binding must keep it alive instead."""
+    fields = tuple(NSAMetadata.__dataclass_fields__)
+    Slotted = type("SlottedMetadata", (), {"__slots__": fields})
+    md, pre = make_example(4, 30, 64, device=device)
+    obj = Slotted()
+    for f in fields:
+        setattr(obj, f, getattr(md, f))
+    want = clone(md)
+    nsa.reference_copy(want, pre)
+    batched_copy_metadata(obj, pre, dispatcher=Dispatcher(tmp_path / "c.db", tune=False))
+    sync(device)
+    assert_same(md, want)
+    assert nsa._pinned[(id(obj),)] == [obj]
