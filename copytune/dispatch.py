@@ -1,8 +1,9 @@
 """Choosing and launching a strategy for a batch: memory table → SQLite cache → tuner → default.
 
-The hot path of an unbound call is validation (``CopyPlan``), a signature-to-key lookup in a dict and the chosen
-strategy's launch; no SQL. ``Dispatcher.bind`` goes further for call sites with stable destinations: validation
-and the choice happen once, and ``BoundCopy.run(srcs)`` only swaps source addresses.
+An unbound call whose addresses and geometry match a recent batch is one dict lookup (key of ~10 attribute
+reads a pair) and the winner's launch; a new batch is validated (``CopyPlan``) and keyed by its bucketed
+signature; no SQL after the first lookup of a key. ``Dispatcher.bind`` goes further for call sites with stable
+destinations: validation and the choice happen once, and ``BoundCopy.run(srcs)`` only swaps source addresses.
 
 Untuned default (``tune=False`` and nothing cached): ``triton_unified`` on CUDA (one launch; 0.20× of
 7 × ``copy_`` eager on an H100), else ``torch_foreach``; layouts the kernels cannot take go to ``torch_per_copy``.
