@@ -23,7 +23,7 @@ import torch
 
 from copytune.cache.store import Store
 from copytune.kernels import UnsupportedPlan, get_strategy, strategies
-from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet
+from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.signature import MODES, device_fingerprint, make_key, shape_signature
 
 DEFAULT_ORDER = ("triton_unified", "torch_foreach", "torch_per_copy")
@@ -219,9 +219,11 @@ def _view_offsets(plan: CopyPlan, bases: Sequence[torch.Tensor]) -> list[int]:
         raise ValueError(f"expected {len(plan.pairs)} base tensors, got {len(bases)}")
     offsets = []
     for i, ((s, _), b) in enumerate(zip(plan.pairs, bases)):
+        if not isinstance(b, torch.Tensor) or b.device != s.device or b.dtype != s.dtype:
+            raise ValueError(f"pair {i}: source is not a view inside the given base tensor")
         lo, hi = extent(b)
         slo, shi = extent(s) if s.numel() else (s.data_ptr(), s.data_ptr())
-        if not isinstance(b, torch.Tensor) or b.device != s.device or b.dtype != s.dtype or not lo <= slo <= shi <= hi:
+        if not lo <= slo <= shi <= hi:
             raise ValueError(f"pair {i}: source is not a view inside the given base tensor")
         offsets.append(slo - lo)
     return offsets
@@ -257,7 +259,7 @@ class BoundCopy:
         self._offsets = offsets or [0] * len(plan.pairs)
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
-        self._spans = [hi - lo if s.numel() else 0 for s, (lo, hi) in ((s, extent(s)) for s, _ in plan.pairs)]
+        self._spans = [span_bytes(s) for s, _ in plan.pairs]
         ext = sorted((extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
         self._dst_lo = [lo for (lo, _), _ in ext]
         self._dst_reach = list(itertools.accumulate((hi for (_, hi), _ in ext), max))  # furthest end so far

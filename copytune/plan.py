@@ -163,6 +163,12 @@ def _has_internal_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def span_bytes(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to the end of its last (0 when empty)."""
+    lo, hi = extent(t)
+    return hi - lo if t.numel() else 0
+
+
 def extent(t: torch.Tensor) -> tuple[int, int]:
     lo = t.data_ptr()
     span = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))

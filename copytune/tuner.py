@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from copytune.kernels import Strategy, get_strategy, strategies
-from copytune.plan import MAX_ALIGN, CopyPlan
+from copytune.plan import MAX_ALIGN, CopyPlan, span_bytes
 
 BASELINE = "torch_per_copy"
 Timer = Callable[[Callable[[int], None], str, torch.device], float]  # (step(i), mode, device) -> µs per step
@@ -111,11 +111,11 @@ class Scratch:
         bufs_views = [self._alloc_like(d) for _, d in plan.pairs]
         self.dst_bufs = [b for b, _ in bufs_views]
         self.dsts = [v for _, v in bufs_views]
-        self.srcs = [[_random_fill(self._alloc_like(s)[1]) for s, _ in plan.pairs] for _ in range(sets)]
+        self.srcs = [[random_fill(self._alloc_like(s)[1]) for s, _ in plan.pairs] for _ in range(sets)]
         self.plan = CopyPlan.from_pairs(list(zip(self.srcs[0], self.dsts)))
 
     def _alloc_like(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        span = _span_bytes(t)
+        span = span_bytes(t)
         raw = torch.empty(span + 2 * self.GUARD + MAX_ALIGN, dtype=torch.uint8, device=t.device)
         start = self.GUARD + (t.data_ptr() - raw.data_ptr() - self.GUARD) % MAX_ALIGN
         typed = raw[start:start + span].view(t.dtype)
@@ -125,10 +125,10 @@ class Scratch:
         """Fill every destination buffer with random bytes; return each as ``copy_`` from set ``i`` leaves it."""
         expected = []
         for buf, d, s in zip(self.dst_bufs, self.dsts, self.srcs[i]):
-            _random_fill(buf)
+            random_fill(buf)
             ref = buf.clone()
             start = d.data_ptr() - buf.data_ptr()
-            typed = ref[start:start + _span_bytes(d)].view(d.dtype)
+            typed = ref[start:start + span_bytes(d)].view(d.dtype)
             torch.as_strided(typed, tuple(d.shape), tuple(d.stride())).copy_(s)
             expected.append(ref)
         return expected
@@ -137,11 +137,8 @@ class Scratch:
         return next((j for j, (b, e) in enumerate(zip(self.dst_bufs, expected)) if not torch.equal(b, e)), None)
 
 
-def _span_bytes(t: torch.Tensor) -> int:
-    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
-
-
-def _random_fill(t: torch.Tensor) -> torch.Tensor:
+def random_fill(t: torch.Tensor) -> torch.Tensor:
+    """Random bytes (NaN payloads included for floats); bool gets valid 0/1 values. Never zeros only."""
     if t.numel() == 0:
         return t
     if t.dtype == torch.bool:

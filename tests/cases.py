@@ -7,16 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from copytune.tuner import random_fill  # noqa: F401 - re-exported for the tests
+
 DTYPES = [torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.uint8, torch.bool]
 LAYOUTS = ["contiguous", "slice", "strided", "rows_dst", "rows_src", "rows_both", "empty", "single"]
-
-
-def random_fill(t: torch.Tensor) -> torch.Tensor:
-    """Random bytes (NaN payloads included for floats); bool gets valid 0/1 values."""
-    if t.dtype == torch.bool:
-        return t.copy_(torch.randint(0, 2, t.shape, device=t.device).bool())
-    raw = torch.randint(0, 256, (t.numel() * t.element_size(),), dtype=torch.uint8, device=t.device)
-    return t.copy_(raw.view(t.dtype).view(t.shape))
 
 
 def _view(buf_shape, layout: str, side: str, size: int, rows: int, dtype, device, rng: random.Random):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import torch
 import triton
 import triton.language as tl
 
+from copytune.kernels.base import UnsupportedPlan, as_device, as_plan
+from copytune.kernels.triton_launch import TritonLauncher, interpreting
 from copytune.plan import CopyDesc, CopyPlan, as_view
 
 SLOTS = 8  # copies per launch: 6 scalar args each; the published fused kernel's limit, chunked beyond it
@@ -38,8 +41,6 @@ def chunks(plan: CopyPlan) -> Iterator[list[int]]:
 
 
 def check_rowwise(name: str, plan: CopyPlan) -> None:
-    from copytune.kernels.base import UnsupportedPlan
-
     bad = plan.first_non_rowwise()
     if bad is not None:
         src, dst = plan.pairs[bad]
@@ -90,16 +91,9 @@ class TritonStrategy:
     search: list[dict] = []
 
     def __init__(self):
-        from copytune.kernels.triton_launch import TritonLauncher
-
         self.launcher = TritonLauncher(self.kernel)
 
     def available(self, device) -> str | None:
-        import torch
-
-        from copytune.kernels.base import as_device
-        from copytune.kernels.triton_launch import interpreting
-
         device = as_device(device)
         if interpreting(self.kernel):
             return None if device.type == "cpu" else "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
@@ -139,8 +133,6 @@ class TritonStrategy:
         return run
 
     def copy(self, plan_or_pairs, params: dict | None = None) -> None:
-        from copytune.kernels.base import as_plan
-
         self.bind(as_plan(plan_or_pairs), params)()
 
 
@@ -200,8 +192,6 @@ class BoundTriton:
             go(args)
 
     def _rebind(self, srcs) -> None:
-        from copytune.kernels.base import UnsupportedPlan  # noqa: PLC0415
-
         if self.resized:  # the bound views no longer describe the copies: the caller must bind anew
             raise UnsupportedPlan("a new source breaks the launch's alignment after a resize; bind anew")
         if self.offsets is not None:

@@ -38,26 +38,26 @@ def test_default_path_follows_the_environment(tmp_path, monkeypatch):
     assert Store().path == tmp_path / "env.db"
 
 
-def _valid_db_bytes(tmp_path):
-    s = Store(tmp_path / "valid.db")
+def _cache_bytes(path, *sql: str) -> bytes:
+    """A one-row cache file, optionally edited by ``sql``, checkpointed so its bytes are all in the main file."""
+    s = Store(path)
     s.put(row())
     s.close()
-    conn = sqlite3.connect(tmp_path / "valid.db")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    return (tmp_path / "valid.db").read_bytes()
-
-
-def _newer_schema(tmp_path):
-    s = Store(tmp_path / "newer.db")
-    s.put(row())
-    s.close()
-    conn = sqlite3.connect(tmp_path / "newer.db")
-    conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    conn = sqlite3.connect(path)
+    for statement in sql:
+        conn.execute(statement)
     conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    return (tmp_path / "newer.db").read_bytes()
+    return path.read_bytes()
+
+
+def _valid_db_bytes(tmp_path):
+    return _cache_bytes(tmp_path / "valid.db")
+
+
+def _newer_schema(tmp_path):
+    return _cache_bytes(tmp_path / "newer.db", "UPDATE meta SET value = '99' WHERE name = 'schema_version'")
 
 
 def _foreign(tmp_path):
