@@ -1,8 +1,9 @@
 """copytune against a reproduction of the serving engine's own fused metadata-copy kernel, same shapes, same run.
 
-The reference follows the engine's design as DESIGN.md describes it: one launch, a grid-stride loop over each
-copy in turn, 256 threads a block, grid <= 1024 blocks, parameters in a ``__grid_constant__`` struct, int32 only,
-tensors handed to C++ (which reads their addresses). Built with ``load_inline`` (a benchmark, not a strategy).
+The reference (``reference_ext.py``) follows the engine's design as DESIGN.md describes it: one launch, a
+grid-stride loop over each copy in turn, 256 threads a block, grid <= 1024 blocks, parameters in a
+``__grid_constant__`` struct, int32 only, tensors handed to C++. Built with ``load_inline`` (a benchmark, not a
+strategy).
 
 Prints eager µs (rotating fresh sources, CPU launch cost included) and GPU µs (CUDA-graph replay) for the NSA
 decode batch of ``bench_strategies.py``: 7 × ``copy_``, the reference kernel, and copytune's bound ``cuda_ext``.
@@ -19,51 +20,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import reference_ext  # noqa: E402
 from bench_strategies import SETS, _graph_us, _median_us, nsa_batch  # noqa: E402
 
 from copytune import CopyPlan, get_strategy  # noqa: E402
 from copytune.kernels import cuda_ext  # noqa: E402
-
-CUDA_SRC = r"""
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-
-constexpr int kMax = 8;
-struct Params {
-  const int* src[kMax]; int* dst[kMax];
-  int n[kMax], cols[kMax], src_stride[kMax], dst_stride[kMax];
-  int count;
-};
-
-__global__ void engine_style_copy(const __grid_constant__ Params p) {
-  const int step = gridDim.x * blockDim.x;
-  for (int c = 0; c < p.count; ++c) {  // every thread walks every copy in turn
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n[c]; i += step) {
-      const int r = i / p.cols[c], col = i - r * p.cols[c];
-      p.dst[c][r * p.dst_stride[c] + col] = p.src[c][r * p.src_stride[c] + col];
-    }
-  }
-}
-
-void launch(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts) {
-  Params p;
-  p.count = static_cast<int>(srcs.size());
-  int most = 0;
-  for (int c = 0; c < p.count; ++c) {
-    const at::Tensor& s = srcs[c];
-    const at::Tensor& d = dsts[c];
-    p.src[c] = s.data_ptr<int>();
-    p.dst[c] = d.data_ptr<int>();
-    p.n[c] = static_cast<int>(d.numel());
-    p.cols[c] = static_cast<int>(d.dim() == 2 ? d.size(1) : d.numel());
-    p.src_stride[c] = static_cast<int>(s.dim() == 2 ? s.stride(0) : 0);
-    p.dst_stride[c] = static_cast<int>(d.dim() == 2 ? d.stride(0) : 0);
-    most = std::max(most, p.n[c]);
-  }
-  const int grid = std::max(1, std::min(1024, (most + 255) / 256));
-  engine_style_copy<<<grid, 256, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(p);
-}
-"""
 
 
 def main() -> int:
@@ -72,11 +33,7 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--calls", type=int, default=400)
     args = ap.parse_args()
-    from torch.utils.cpp_extension import load_inline
-
-    ref = load_inline("engine_style_copy", cpp_sources="void launch(const std::vector<at::Tensor>& srcs, "
-                      "const std::vector<at::Tensor>& dsts);", cuda_sources=CUDA_SRC, functions=["launch"],
-                      extra_cuda_cflags=["-O3"], verbose=False)
+    ref = reference_ext.load()
     cuda_ext.build("cuda")
     strategy = get_strategy("cuda_ext")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | NSA decode batch, max_len {args.max_len}")

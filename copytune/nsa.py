@@ -116,7 +116,7 @@ class _Binding:
     """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
     (the longest sequence grows), so they are resized in place instead of being part of the key."""
 
-    __slots__ = ("attrs", "bound", "cols", "get_sources", "launch", "resizable", "widths")
+    __slots__ = ("attrs", "bound", "get_sources", "launch", "resizable", "shapes", "widths")
 
     def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
         triples = [t for md in metadatas for t in _copies(md, pre, mode)]
@@ -126,7 +126,7 @@ class _Binding:
         # copies whose columns follow the step's longest sequence: index -> (attr, widest the buffer takes)
         self.widths = {i: (a, _base_width(d)) for i, (_, a, d) in enumerate(triples)
                        if a in ("page_indices", "real_page_table")}
-        self.cols = {i: triples[i][0].shape[1] for i in self.widths}
+        self.shapes = {i: triples[i][0].shape for i in self.widths}
         self.resizable = not self.bound.strategy.startswith("torch")
         self.get_sources = operator.attrgetter(*self.attrs) if len(self.attrs) > 1 else \
             (lambda pre, a=self.attrs[0]: (getattr(pre, a),))
@@ -136,21 +136,22 @@ class _Binding:
         self.launch = self.bound.sources_launcher()
 
     def run(self, pre: PrecomputedMetadata) -> bool:
-        """Launch for ``pre``; False when a column count changed and could not be resized in place."""
+        """Launch for ``pre``; False when a page table's shape changed and could not be followed in place."""
         if not self.widths:
             err = self.launch(self.get_sources(pre))
-            if err:  # e.g. the kernel refused a page table wider than its buffer, before launching
-                raise (ValueError if "the destination rows hold" in err else RuntimeError)(err)
+            if err:  # the kernel refused a page table of the wrong rows or too many columns, before launching
+                raise (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
             return True
         for i, (attr, width) in self.widths.items():
             src = getattr(pre, attr)
-            rows, cols = src.shape
-            if cols != self.cols[i]:
+            if src.shape != self.shapes[i]:
+                rows, cols = src.shape
                 if cols > width:
                     raise ValueError(f"{attr} has {cols} columns; the metadata buffer holds {width}")
+                # a changed row count makes resize_copy refuse: the caller binds anew, which validates
                 if not self.resizable or not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
                     return False
-                self.cols[i] = cols
+                self.shapes[i] = src.shape
         err = self.launch(self.get_sources(pre))
         if err:
             raise RuntimeError(err)
@@ -162,53 +163,71 @@ def _base_width(dst_view: torch.Tensor) -> int:
     return dst_view.stride(0) if dst_view.dim() == 2 else dst_view.numel()
 
 
-_bindings: dict[tuple, dict[tuple, _Binding]] = {}
-_pinned: dict[tuple, list] = {}  # metadata objects that cannot be weakly referenced, kept alive while bound
+# Bindings by (owner, forward_mode, size, real_page_table is None, FlashMLA shape, dispatcher): everything the
+# copy list depends on besides the buffers (the owner: id(metadata), or a tuple of ids for several backends) and
+# the page tables' sizes, which the binding follows or checks itself. The forward mode is keyed as given (a
+# string or the engine's enum), so a call costs one tuple, one dict lookup and the launch; page_indices' row
+# count is not in the key (it equals the size in every mode, and the launch checks it).
+_bindings: dict[tuple, _Binding] = {}
+_owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
+_pinned: dict[object, list] = {}  # metadata objects that cannot be weakly referenced, kept alive while bound
 
 
-def _structure_key(pre: PrecomputedMetadata, mode: str) -> tuple:
-    """Everything the copy list depends on besides the destination buffers and the page tables' columns."""
-    rpt, fm = pre.real_page_table, pre.flashmla_metadata
-    return (mode, pre.seqlens_expanded_size, pre.page_indices.shape[0], rpt is None, None if fm is None
-            else fm.shape)
+def _key(owner, pre: PrecomputedMetadata, forward_mode, dispatcher) -> tuple:
+    fm = pre.flashmla_metadata
+    return (owner, forward_mode, pre.seqlens_expanded_size, pre.real_page_table is None,
+            fm if fm is None else fm.shape, dispatcher)
 
 
-def _binding(metadatas: Sequence[NSAMetadata], pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher,
-             fresh: bool = False) -> _Binding:
-    owner = tuple(map(id, metadatas))
-    table = _bindings.get(owner)
-    if table is None:
-        table = _bindings[owner] = {}
+def _forget(owner) -> None:
+    for key in _owned.pop(owner, ()):
+        _bindings.pop(key, None)
+    _pinned.pop(owner, None)
+
+
+def _rebind(metadatas: Sequence[NSAMetadata], owner, pre: PrecomputedMetadata, forward_mode,
+            dispatcher: Dispatcher | None) -> None:
+    """The cold path: validate, bind (tuning if the signature is new) and run; replaces a stale binding."""
+    mode = forward_mode_name(forward_mode)
+    key = _key(owner, pre, forward_mode, dispatcher)
+    keys = _owned.get(owner)
+    if keys is None:
+        keys = _owned[owner] = []
         for md in metadatas:  # forget the bindings when any of these buffer sets is freed
             try:
-                weakref.finalize(md, _bindings.pop, owner, None)
+                weakref.finalize(md, _forget, owner)
             except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
                 _pinned.setdefault(owner, []).append(md)
-    key = (_structure_key(pre, mode), id(dispatcher))
-    entry = None if fresh else table.get(key)
-    if entry is None:
-        if len(table) >= BINDINGS_PER_METADATA:
-            table.pop(next(iter(table)))
-        entry = table[key] = _Binding(metadatas, pre, mode, dispatcher)
-    return entry
+    entry = _Binding(metadatas, pre, mode, dispatcher or default_dispatcher("eager"))
+    if key in _bindings:
+        keys.remove(key)
+    elif len(keys) >= BINDINGS_PER_METADATA:
+        _bindings.pop(keys.pop(0), None)
+    _bindings[key] = entry
+    keys.append(key)
+    if not entry.run(pre):
+        raise RuntimeError("copytune.nsa: a fresh binding could not run the step it was bound for")
 
 
 def batched_copy_metadata(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode", *,
                           dispatcher: Dispatcher | None = None) -> None:
     """Refresh ``metadata`` from ``precomputed`` exactly as the backend's ``.copy_()`` sequence does, in one
     tuned launch. The first call per structure validates and binds (and tunes, if this signature is new)."""
-    batched_copy_metadata_multi((metadata,), precomputed, forward_mode, dispatcher=dispatcher)
+    fm = precomputed.flashmla_metadata  # _key inlined: the engine's call, every decode step
+    binding = _bindings.get((id(metadata), forward_mode, precomputed.seqlens_expanded_size,
+                             precomputed.real_page_table is None, fm if fm is None else fm.shape, dispatcher))
+    if binding is None or not binding.run(precomputed):
+        _rebind((metadata,), id(metadata), precomputed, forward_mode, dispatcher)
 
 
 def batched_copy_metadata_multi(metadatas: Sequence[NSAMetadata], precomputed: PrecomputedMetadata,
                                 forward_mode="decode", *, dispatcher: Dispatcher | None = None) -> None:
     """Refresh several backends' buffers (one per draft step in speculative decoding) from one precomputed set,
     all in one batch; the engine's own fused kernel hard-codes 3 backends, this takes any number."""
-    mode = forward_mode_name(forward_mode)
-    dispatcher = dispatcher or default_dispatcher("eager")
-    binding = _binding(metadatas, precomputed, mode, dispatcher)
-    if not binding.run(precomputed):
-        _binding(metadatas, precomputed, mode, dispatcher, fresh=True).run(precomputed)
+    owner = tuple(map(id, metadatas))
+    binding = _bindings.get(_key(owner, precomputed, forward_mode, dispatcher))
+    if binding is None or not binding.run(precomputed):
+        _rebind(metadatas, owner, precomputed, forward_mode, dispatcher)
 
 
 # -- examples -------------------------------------------------------------------------------------------------

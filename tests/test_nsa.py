@@ -106,6 +106,45 @@ def test_page_table_wider_than_the_buffer_is_an_error(strategy, tmp_path, device
     assert torch.equal(md.page_table_1._base, before)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_page_table_with_other_rows_is_an_error(strategy, tmp_path, device):
+    """The binding key leaves page_indices' rows out (they equal the size in the engine): a page table that
+    disagrees must still be refused before any launch, never copied with the bound row count."""
+    d = dispatcher_for(strategy, tmp_path, device)
+    md, pre = make_example(4, 40, 128, device=device)
+    batched_copy_metadata(md, pre, dispatcher=d)
+    _, other = make_example(4, 41, 128, device=device, seed=3)
+    other.page_indices = other.page_indices[:3]
+    before = md.page_table_1._base.clone()
+    with pytest.raises(ValueError, match="rows|shape"):
+        batched_copy_metadata(md, other, dispatcher=d)
+    sync(device)
+    assert torch.equal(md.page_table_1._base, before)
+
+
+def test_alternating_modes_keep_their_bindings(tmp_path, device, monkeypatch):
+    """Speculative decoding alternates target-verify and draft-extend on the same buffers: each structure binds
+    once, then every step is a lookup."""
+    built = []
+    monkeypatch.setattr(nsa, "_Binding", lambda *a, _B=nsa._Binding: built.append(1) or _B(*a))
+    d = Dispatcher(tmp_path / "c.db", tune=False)
+    md, _ = make_example(3, 20, 128, forward_mode="target_verify", device=device)
+    for step in range(6):
+        mode = ("target_verify", "draft_extend")[step % 2]
+        # one structure per mode (same seed: same draft lengths and columns); fresh destination bytes each step
+        _, pre = make_example(3, 20, 128, forward_mode=mode, device=device, seed=step % 2)
+        for f in md.__dataclass_fields__:
+            t = getattr(md, f)
+            if t is not None:
+                t._base.random_(1, 1 << 30)
+        want = clone(md)
+        nsa.reference_copy(want, pre, mode)
+        batched_copy_metadata(md, pre, mode, dispatcher=d)
+        sync(device)
+        assert_same(md, want)
+    assert len(built) == 2
+
+
 def test_unknown_forward_mode():
     with pytest.raises(ValueError, match="forward_mode must be one of"):
         nsa.forward_mode_name("prefill")
@@ -167,4 +206,4 @@ def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device
     batched_copy_metadata(obj, pre, dispatcher=Dispatcher(tmp_path / "c.db", tune=False))
     sync(device)
     assert_same(md, want)
-    assert nsa._pinned[(id(obj),)] == [obj]
+    assert nsa._pinned[id(obj)] == [obj]

@@ -1,0 +1,116 @@
+"""Where the eager µs of one metadata refresh go: each layer of the call timed alone, floors first.
+
+Every row is the wall time per call of N back-to-back calls and one synchronize (the tuner's eager timer), so a
+row minus the row above it is what that layer adds. Floors come from ``reference_ext`` (a pybind call, pybind
+parsing the tensors, an empty kernel launched with a small and a 2 KiB parameter struct). The copytune rows go from
+the bare C++ launch of the bound winner up to the public call, for the NSA decode refresh (page-table width
+growing every step, as in decoding) and for the generic ``batched_copy`` / ``BoundCopy.run`` paths; GPU time is
+the CUDA-graph replay of the bare launch.
+
+Usage: python benchmarks/bench_breakdown.py [--bs 32,256] [--max-len 2048] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import reference_ext  # noqa: E402
+from bench_strategies import SETS, _graph_us, _median_us, nsa_batch  # noqa: E402
+
+import copytune  # noqa: E402
+from copytune import Dispatcher, nsa  # noqa: E402
+from copytune.kernels import cuda_ext  # noqa: E402
+
+
+def nsa_rows(bs: int, max_len: int, calls: int, ref) -> list[tuple[str, float]]:
+    d = Dispatcher(None, mode="eager", strategy="cuda_ext")
+    width = max_len + SETS + 64
+    md = nsa.make_example(bs, max_len, width, device="cuda", seed=1)[0]
+    pres = [nsa.make_example(bs, max_len + k, width, device="cuda", seed=100 + k)[1] for k in range(SETS)]
+    nsa.batched_copy_metadata(md, pres[0], dispatcher=d)
+    binding = next(b for k, b in nsa._bindings.items() if k[0] == id(md))
+    sources = [binding.get_sources(p) for p in pres]
+    batch = binding.bound._launch.batch if hasattr(binding.bound._launch, "batch") else None
+    views = [[s for s, _ in nsa.copy_pairs(md, p)] for p in pres]
+    dsts = [dst for _, dst in nsa.copy_pairs(md, pres[0])]
+    steps = [
+        ("timer loop (lambda i: None)", lambda i: None),
+        ("pybind call, no work", lambda i: ref.noop()),
+        (f"pybind parse of {len(sources[0])} tensors", lambda i: ref.noop_tensors(sources[i % SETS])),
+        ("empty kernel launch, 8 B params", lambda i: ref.empty_launch(8)),
+        ("empty kernel launch, 512 B params", lambda i: ref.empty_launch(512)),
+        ("empty kernel launch, 2 KiB params", lambda i: ref.empty_launch(2048)),
+        ("engine-style kernel (views prebuilt)", lambda i: ref.launch(views[i % SETS], dsts)),
+    ]
+    if batch is not None:
+        steps += [("cuda_ext BoundBatch.run() (bound addresses)", lambda i: batch.run()),
+                  ("+ run_sources(6 base tensors)", lambda i: binding.launch(sources[i % SETS]))]
+    steps += [
+        ("+ attrgetter of the sources", lambda i: binding.launch(binding.get_sources(pres[i % SETS]))),
+        ("+ _Binding.run", lambda i: binding.run(pres[i % SETS])),
+        ("+ binding lookup: batched_copy_metadata", lambda i: nsa.batched_copy_metadata(md, pres[i % SETS],
+                                                                                         dispatcher=d)),
+        ("7 × copy_ (reference_copy)", lambda i: nsa.reference_copy(md, pres[i % SETS])),
+    ]
+    out = [(name, _median_us(fn, calls)) for name, fn in steps]
+    if batch is not None:
+        out.append(("GPU time of the launch (graph replay)", _graph_us(lambda i: batch.run())))
+    return out
+
+
+def generic_rows(bs: int, max_len: int, calls: int) -> list[tuple[str, float]]:
+    dsts, srcs = nsa_batch(bs, max_len)
+    d = Dispatcher(None, mode="eager", strategy="cuda_ext")
+    checked = d.bind(list(zip(srcs[0], dsts)))
+    unchecked = d.bind(list(zip(srcs[0], dsts)), checked=False)
+    pairs = [list(zip(s, dsts)) for s in srcs]
+    launch = unchecked._launch
+    steps = [
+        ("cuda_ext bound launch, list of sources", lambda i: launch(srcs[i % SETS])),
+        ("BoundCopy.run(srcs), checked=False", lambda i: unchecked.run(srcs[i % SETS])),
+        ("BoundCopy.run(srcs), checked", lambda i: checked.run(srcs[i % SETS])),
+        ("Dispatcher.copy(pairs) (runner cache)", lambda i: d.copy(pairs[i % SETS])),
+        ("7 × copy_", lambda i: [dst.copy_(s) for s, dst in pairs[i % SETS]]),
+    ]
+    return [(name, _median_us(fn, calls)) for name, fn in steps]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bs", default="32,256")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    ref = reference_ext.load()
+    cuda_ext.build("cuda")
+    card = torch.cuda.get_device_name()
+    print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | copytune {copytune.__version__} | "
+          f"eager µs per call, median of 7 × {args.calls} calls")
+    results = {}
+    for bs in map(int, args.bs.split(",")):
+        for title, rows in ((f"NSA decode refresh, bs={bs}, max_len={args.max_len}+step",
+                             nsa_rows(bs, args.max_len, args.calls, ref)),
+                            (f"generic 7-copy batch, bs={bs}, max_len={args.max_len}",
+                             generic_rows(bs, args.max_len, args.calls))):
+            print(f"\n{title}\n{'layer':<46} {'µs':>7} {'+µs':>7}")
+            prev = None
+            for name, us in rows:
+                delta = f"{us - prev:+7.2f}" if prev is not None and name.startswith("+") else ""
+                print(f"{name:<46} {us:7.2f} {delta:>7}")
+                prev = us
+            results[title] = rows
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
