@@ -1,7 +1,7 @@
 """Where the eager µs of one metadata refresh go: each layer of the call timed alone, floors first.
 
 Every row is the wall time per call of N back-to-back calls and one synchronize (the tuner's eager timer), so a
-row minus the row above it is what that layer adds. Floors come from ``reference_ext`` (a pybind call, pybind
+row minus the row above it is what that layer adds. Floors come from ``copytune.reference`` (a pybind call, pybind
 parsing the tensors, an empty kernel launched with a small and a 2 KiB parameter struct). The copytune rows go from
 the bare C++ launch of the bound winner up to the public call, for the NSA decode refresh (page-table width
 growing every step, as in decoding) and for the generic ``batched_copy`` / ``BoundCopy.run`` paths; GPU time is
@@ -20,11 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import reference_ext  # noqa: E402
 from bench_strategies import SETS, _graph_us, _median_us, nsa_batch  # noqa: E402
 
 import copytune  # noqa: E402
-from copytune import Dispatcher, nsa  # noqa: E402
+from copytune import Dispatcher, nsa, reference  # noqa: E402
 from copytune.kernels import cuda_ext  # noqa: E402
 
 
@@ -81,6 +80,20 @@ def generic_rows(bs: int, max_len: int, calls: int) -> list[tuple[str, float]]:
     return [(name, _median_us(fn, calls)) for name, fn in steps]
 
 
+def gpu_rows(ref) -> list[tuple[str, float]]:
+    """GPU µs (graph replay) of the launch floors and of the page-table copy alone, aligned and not."""
+    rows = [(f"empty kernel, {b} B params", _graph_us(lambda i, b=b: ref.empty_launch(b))) for b in (8, 512, 2048)]
+    strategy = copytune.get_strategy("cuda_ext")
+    for cols in (1024, 1025, 1026):  # 4100 / 4104-byte rows: 4 / 8-byte units where 1024 columns take 16
+        dst = torch.empty(512, 1100, dtype=torch.int32, device="cuda")[:, :cols]
+        src = torch.randint(0, 1 << 30, (512, cols), dtype=torch.int32, device="cuda")
+        for unroll in cuda_ext.UNROLLS:
+            launch = strategy.bind(copytune.CopyPlan.from_pairs([(src, dst)]), {"unroll": unroll})
+            rows.append((f"page table 512x{cols} int32, unroll {unroll}, {launch.batch.vector_bytes()[0]} B units",
+                         _graph_us(lambda i, launch=launch: launch())))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", default="32,256")
@@ -88,7 +101,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ref = reference_ext.load()
+    ref = reference.load()
     cuda_ext.build("cuda")
     card = torch.cuda.get_device_name()
     print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | copytune {copytune.__version__} | "
@@ -106,6 +119,11 @@ def main() -> int:
                 print(f"{name:<46} {us:7.2f} {delta:>7}")
                 prev = us
             results[title] = rows
+    gpu = gpu_rows(ref)
+    print(f"\nGPU time alone (CUDA-graph replay)\n{'what':<52} {'µs':>7}")
+    for name, us in gpu:
+        print(f"{name:<52} {us:7.2f}")
+    results["GPU time alone"] = gpu
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "results": results}, f, indent=1)

@@ -1,6 +1,6 @@
 """copytune against a reproduction of the serving engine's own fused metadata-copy kernel, same shapes, same run.
 
-The reference (``reference_ext.py``) follows the engine's design as DESIGN.md describes it: one launch, a
+The reference (``copytune.reference``) follows the engine's design as DESIGN.md describes it: one launch, a
 grid-stride loop over each copy in turn, 256 threads a block, grid <= 1024 blocks, parameters in a
 ``__grid_constant__`` struct, int32 only, tensors handed to C++. Built with ``load_inline`` (a benchmark, not a
 strategy).
@@ -20,10 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import reference_ext  # noqa: E402
 from bench_strategies import SETS, _graph_us, _median_us, nsa_batch  # noqa: E402
 
-from copytune import CopyPlan, get_strategy  # noqa: E402
+from copytune import CopyPlan, get_strategy, reference  # noqa: E402
 from copytune.kernels import cuda_ext  # noqa: E402
 
 
@@ -33,7 +32,7 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--calls", type=int, default=400)
     args = ap.parse_args()
-    ref = reference_ext.load()
+    ref = reference.load()
     cuda_ext.build("cuda")
     strategy = get_strategy("cuda_ext")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | NSA decode batch, max_len {args.max_len}")

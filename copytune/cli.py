@@ -175,43 +175,68 @@ def clear(device_only: bool, cache_path: str | None) -> None:
 
 
 @main.command()
-@click.option("--model", default="nsa", show_default=True, help="Model profile whose batch to time.")
-@click.option("--bs", default=32, show_default=True, help="Batch size.")
-@click.option("--max-len", default=2048, show_default=True, help="Context length.")
+@click.option("--model", default="nsa", show_default=True, help="Model profile whose batches to time.")
+@click.option("--batch-sizes", "--bs", "batch_sizes", default="1,8,32,128,256,512", show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--max-lens", "--max-len", "max_lens", default="1024,2048", show_default=True,
+              help="Comma-separated context lengths.")
 @click.option("--forward-mode", type=click.Choice(["decode", "target_verify", "draft_extend"]), default="decode",
               show_default=True, help="Which replay step's copies.")
+@click.option("--large", "large_mib", default="64,256", show_default=True,
+              help="Comma-separated sizes (MiB) of the large-copy batches; 'none' skips them.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Include the engine-style fused kernel (compiled on first use, CUDA only).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of µs per call against bs here (needs matplotlib).")
 @click.option("--device", default=None, help="Device (default: cuda if present, else cpu).")
-def bench(model, bs, max_len, forward_mode, device) -> None:
-    """Side-by-side table of every strategy (and parameter set) on one batch, eager and graph, as ratios to
-    per-copy torch from the same run. Nothing is stored.
+def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, json_path, plot_path, device) -> None:
+    """Every strategy, the engine's copy_ sequence, copytune's call site through the dispatcher and the engine-style
+    fused kernel, side by side for the model's sweep, eager and graph, as ratios to per-copy torch from the same
+    run; then large copies against torch's bandwidth. Nothing is stored in the cache.
 
-    Example: copytune bench --model nsa --bs 64 --max-len 8192
+    Example: copytune bench --model nsa --bs 1,32,256,512 --max-len 1024,2048 --json out.json --plot out.png
     """
+    import json
+
     import torch
 
-    from copytune import CopyPlan, tuner
+    from copytune import benchmark
     from copytune.models import get_profile
 
     try:
         profile = get_profile(model)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    sizes, lens = _int_list(batch_sizes), _int_list(max_lens)
+    big = [] if large_mib.strip().lower() == "none" else _int_list(large_mib)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ref = None
     if dev.type == "cuda":
         _build_quietly(dev)
-    plan = CopyPlan.from_pairs(profile.example_pairs(bs, max_len, forward_mode, dev))
-    modes = ["eager", "graph"] if dev.type == "cuda" else ["eager"]
-    results = {m: tuner.tune(plan, m, pool=tuner.default_pool(dev)) for m in modes}
-    click.echo(f"{model} {forward_mode} bs={bs} max_len={max_len} on {dev}: {len(plan)} copies, {plan.nbytes} bytes")
-    click.echo(f"{'strategy':<18} {'params':<40} " + " ".join(f"{m + ' µs':>10} {'ratio':>6}" for m in modes))
-    for i, t in enumerate(results[modes[0]].timings):
-        cells = []
-        for m in modes:
-            r, tm = results[m], results[m].timings[i]
-            cells.append(f"{tm.time_us:10.2f} {tm.time_us / r.baseline_us:6.2f}" if tm.time_us is not None
-                         else f"{'-':>10} {'-':>6}")
-        params = ",".join(f"{k}={v}" for k, v in t.params.items()) or (t.reason or "")
-        click.echo(f"{t.strategy:<18} {params[:40]:<40} " + " ".join(cells))
+        if reference:
+            from copytune import reference as reference_module
+
+            click.echo("compiling the engine-style reference kernel (first use on this machine)...", err=True)
+            ref = reference_module.load()
+    modes = benchmark.modes_for(dev)
+
+    def show(point, bandwidth=False):
+        click.echo("\n".join(benchmark.format_point(point, modes, bandwidth)) + "\n")
+
+    points = benchmark.sweep(profile, sizes, lens, forward_mode, dev, ref, progress=show)
+    large_points = benchmark.large(big, dev, progress=lambda p: show(p, bandwidth=True))
+    results = benchmark.as_json(points, large_points, dev, forward_mode)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        try:
+            benchmark.plot(results, plot_path)
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+        click.echo(f"wrote {plot_path}")
 
 
 def _int_list(text: str) -> list[int]:

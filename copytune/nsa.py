@@ -114,11 +114,12 @@ def reference_copy(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forw
 # -- the hot path ---------------------------------------------------------------------------------------------
 class _Binding:
     """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
-    (the longest sequence grows), so they are resized in place instead of being part of the key."""
+    (the longest sequence grows), so they are followed in place instead of being part of the key."""
 
-    __slots__ = ("attrs", "bound", "get_sources", "launch", "resizable", "shapes", "widths")
+    __slots__ = ("attrs", "bound", "get_sources", "launch", "mode", "resizable", "shapes", "widths")
 
     def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
+        self.mode = mode
         triples = [t for md in metadatas for t in _copies(md, pre, mode)]
         self.attrs = tuple(a for _, a, _ in triples)
         self.bound = dispatcher.bind([(s, d) for s, _, d in triples], checked=False,
@@ -135,8 +136,12 @@ class _Binding:
             self.widths = {}
         self.launch = self.bound.sources_launcher()
 
-    def run(self, pre: PrecomputedMetadata) -> bool:
-        """Launch for ``pre``; False when a page table's shape changed and could not be followed in place."""
+    def run(self, pre: PrecomputedMetadata, metadatas: Sequence[NSAMetadata] | None = None) -> bool:
+        """Launch for ``pre``; False when a page table's shape changed and could not be followed in place.
+
+        A torch winner cannot follow a new width (its views are fixed): given ``metadatas``, such a step runs the
+        engine's own copies instead (exact by definition, and no slower than the engine), never a rebind per step.
+        """
         if not self.widths:
             err = self.launch(self.get_sources(pre))
             if err:  # the kernel refused a page table of the wrong rows or too many columns, before launching
@@ -148,8 +153,15 @@ class _Binding:
                 rows, cols = src.shape
                 if cols > width:
                     raise ValueError(f"{attr} has {cols} columns; the metadata buffer holds {width}")
-                # a changed row count makes resize_copy refuse: the caller binds anew, which validates
-                if not self.resizable or not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
+                if rows != self.shapes[i][0]:
+                    return False  # the caller binds anew, which validates (and refuses a mismatch)
+                if not self.resizable:
+                    if metadatas is None:
+                        return False
+                    for md in metadatas:
+                        reference_copy(md, pre, self.mode)
+                    return True
+                if not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
                     return False
                 self.shapes[i] = src.shape
         err = self.launch(self.get_sources(pre))
@@ -187,9 +199,13 @@ def _forget(owner) -> None:
 
 def _rebind(metadatas: Sequence[NSAMetadata], owner, pre: PrecomputedMetadata, forward_mode,
             dispatcher: Dispatcher | None) -> None:
-    """The cold path: validate, bind (tuning if the signature is new) and run; replaces a stale binding."""
+    """The cold path: a step the bound copy could not take alone (see ``_Binding.run``), else validate, bind
+    (tuning if the signature is new) and run, replacing a stale binding."""
     mode = forward_mode_name(forward_mode)
     key = _key(owner, pre, forward_mode, dispatcher)
+    entry = _bindings.get(key)
+    if entry is not None and entry.run(pre, metadatas):
+        return
     keys = _owned.get(owner)
     if keys is None:
         keys = _owned[owner] = []

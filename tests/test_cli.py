@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -64,14 +67,36 @@ def test_tune_unknown_model_lists_the_known_ones(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_bench_prints_every_strategy_against_per_copy_torch():
-    result = CliRunner().invoke(main, ["bench", "--bs", "4", "--max-len", "64", "--device", "cpu"])
+def test_bench_prints_every_strategy_the_call_site_and_large_copies_against_per_copy_torch(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--bs", "2,4", "--max-len", "64", "--large", "1", "--device", "cpu",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("nsa decode bs=4 max_len=64 on cpu: 6 copies")
+    assert lines[0].startswith("nsa decode bs=2 max_len=64: 6 copies")
+    assert any(ln.startswith("nsa decode bs=4 max_len=64: 6 copies") for ln in lines)
     baseline = next(ln for ln in lines if ln.startswith("torch_per_copy"))
     assert baseline.split()[-1] == "1.00"
     assert any(ln.startswith("torch_foreach") for ln in lines)
+    assert any(ln.startswith("engine copy_ sequence") for ln in lines)
+    assert any(ln.startswith("copytune batched_copy_metadata") for ln in lines)
+    assert any(ln.startswith("large: 1 MiB, 2-D strided") for ln in lines)
+    results = json.loads(out.read_text())
+    assert [p["bs"] for p in results["points"]] == [2, 4] and len(results["large"]) == 2
+    for point in results["points"]:
+        names = [r["name"] for r in point["rows"]]
+        assert names[0] == "torch_per_copy" and "copytune batched_copy_metadata" in names
+        assert all(r["eager_us"] > 0 for r in point["rows"] if r["name"].startswith(("torch", "copytune", "engine")))
+
+
+def test_bench_call_site_check_catches_wrong_bytes():
+    """The bench checks the call site bit-exact before timing it: a refresh that skips a copy is refused."""
+    from copytune.models import get_profile
+
+    site = get_profile("nsa").call_site(3, 40, "decode", torch.device("cpu"), 2)
+    site.check(site.engine)
+    with pytest.raises(AssertionError, match="other bytes"):
+        site.check(lambda x: [d.copy_(s) for s, d in site.pairs(x)[:-1]])
 
 
 def test_every_command_explains_itself_with_an_example():

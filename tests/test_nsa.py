@@ -145,6 +145,23 @@ def test_alternating_modes_keep_their_bindings(tmp_path, device, monkeypatch):
     assert len(built) == 2
 
 
+def test_torch_winner_follows_growing_page_tables_without_rebinding(tmp_path, device, monkeypatch):
+    """A torch strategy cannot resize its views: steps with a new width run the engine's own copies, exactly,
+    instead of validating and binding anew every decode step."""
+    built = []
+    monkeypatch.setattr(nsa, "_Binding", lambda *a, _B=nsa._Binding: built.append(1) or _B(*a))
+    d = Dispatcher(tmp_path / "c.db", tune=False, strategy="torch_foreach")
+    md, _ = make_example(3, 40, 256, device=device)
+    for step in range(5):
+        _, pre = make_example(3, 40 + step, 256, device=device, seed=step)
+        want = clone(md)
+        nsa.reference_copy(want, pre)
+        batched_copy_metadata(md, pre, dispatcher=d)
+        sync(device)
+        assert_same(md, want)
+    assert len(built) == 1
+
+
 def test_unknown_forward_mode():
     with pytest.raises(ValueError, match="forward_mode must be one of"):
         nsa.forward_mode_name("prefill")

@@ -27,6 +27,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("binding.cpp", "batched_copy_kernel.cu")
 HEADERS = ("batched_copy.cuh",)
 BUILD_COMMAND = "copytune build"
+UNROLLS = (4, 1, 2, 8)  # units per thread per tile, compiled in (csrc); the first is the default
 
 
 class BuildError(RuntimeError):
@@ -138,13 +139,17 @@ class CudaExt:
                 and self.available(plan.device) is None)
 
     def candidates(self, plan: CopyPlan) -> list[Params]:
-        return [{}]  # tile shape is compiled in (256 threads x 4 units); the vector width is chosen per copy
+        """Tile shapes (units per thread; 256 threads a block); the vector width is chosen per copy in C++."""
+        return [{"unroll": u} for u in UNROLLS]
 
     def bind(self, plan: CopyPlan, params: Params | None = None):
+        unroll = (params or {}).get("unroll", UNROLLS[0])
+        if unroll not in UNROLLS:  # e.g. an entry from an imported cache of another version
+            raise UnsupportedPlan(f"cuda_ext: unroll must be one of {UNROLLS}, got {unroll!r}")
         module = self._module(plan)
         live = [i for i, d in enumerate(plan.descs) if d.nbytes]
         flat = [v for i in live for v in _raw(plan.descs[i])]
-        batch = module.BoundBatch(flat, plan.device.index)
+        batch = module.BoundBatch(flat, plan.device.index, unroll)
         return BoundCuda(batch, None if len(live) == len(plan.descs) else live)
 
     def runner(self, plan: CopyPlan, params: Params | None = None):

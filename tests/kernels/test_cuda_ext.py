@@ -10,7 +10,7 @@ import torch
 
 from copytune import CopyPlan, get_strategy
 from copytune.kernels import UnsupportedPlan, cuda_ext
-from tests.cases import Case, check_strategy, random_fill
+from tests.cases import Case, check_strategy, random_case, random_fill
 from tests.kernels import triton_checks as checks
 from tests.kernels.exact_suite import *  # noqa: F403 - the shared exactness suite, for this strategy
 
@@ -37,7 +37,9 @@ def test_kernel_compiles_without_spills_and_uses_16_byte_accesses(tmp_path):
     arch = ["-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O3"]
     out = subprocess.run([NVCC, "-c", *arch, "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, check=True)
-    assert re.search(r"0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", out.stderr), out.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+    assert len(spills) == len(cuda_ext.UNROLLS), out.stderr  # one kernel per tile shape
+    assert all(st == ld == "0" for st, ld in spills), out.stderr
     subprocess.run([NVCC, "-ptx", *arch, str(src), "-o", str(tmp_path / "k.ptx")], check=True)
     ptx = (tmp_path / "k.ptx").read_text()
     assert re.search(r"ld\.global(\.nc)?\.v4\.u32", ptx) and "st.global.v4.u32" in ptx  # uint4: 16-byte accesses
@@ -69,6 +71,29 @@ def strategy_name(request):
 
 def test_unsupported_layout_declined(strategy_name, device):
     checks.run_unsupported_layout(NAME, device)
+
+
+def test_unknown_tile_shape_is_declined_before_anything_else():
+    plan = CopyPlan.from_pairs([(torch.ones(4), torch.zeros(4))])
+    with pytest.raises(UnsupportedPlan, match=r"unroll must be one of \(4, 1, 2, 8\), got 3"):
+        get_strategy(NAME).bind(plan, {"unroll": 3})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("unroll", cuda_ext.UNROLLS)
+def test_every_tile_shape_is_exact(built, unroll):
+    """Each tuned tile shape on random batches (every layout and dtype, odd sizes), and on new sources."""
+    strategy = get_strategy(NAME)
+    for seed in range(6):
+        case = random_case(seed, torch.device("cuda"), max_elems=40_000)
+        if not strategy.supports(CopyPlan.from_pairs(case.pairs)):
+            continue
+        expected = case.expected()
+        launch = strategy.bind(CopyPlan.from_pairs(case.pairs), {"unroll": unroll})
+        assert launch.batch.unroll() == unroll
+        launch()
+        torch.cuda.synchronize()
+        case.check(expected)
 
 
 @pytest.mark.cuda

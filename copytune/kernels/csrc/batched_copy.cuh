@@ -11,8 +11,9 @@ namespace copytune {
 // parameter limit of every CUDA 12+ target; 3 NSA backends (21 copies) fit one launch.
 constexpr int kMaxCopies = 32;
 constexpr int kThreads = 256;  // per block; 8 warps
-constexpr int kUnroll = 4;     // units per thread per tile: 4 independent 16-byte loads in flight
-constexpr int64_t kTileUnits = int64_t(kThreads) * kUnroll;
+// Units per thread per tile (independent loads in flight per thread), a tuned parameter: 4 (16 KiB tiles of
+// 16-byte units) serves most batches; 1-2 spread a few MiB over more SMs, 8 halves the blocks of large copies.
+inline bool valid_unroll(int unroll) { return unroll == 1 || unroll == 2 || unroll == 4 || unroll == 8; }
 
 // One copy as the caller describes it, in bytes: `rows` rows of `row_bytes` contiguous bytes.
 struct RawCopy {
@@ -36,10 +37,10 @@ struct Params {
   int32_t count;
 };
 
-// Fill `p` from `raw[0..count)` and return the number of tiles (the grid size).
-int64_t plan_launch(const RawCopy* raw, int count, Params* p);
+// Fill `p` from `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the grid).
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p);
 
-// Launch one chunk (at most kMaxCopies copies). Returns the launch's cudaError_t.
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, cudaStream_t stream);
+// Launch one chunk (at most kMaxCopies copies) planned with the same `unroll`. Returns the launch's cudaError_t.
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream);
 
 }  // namespace copytune

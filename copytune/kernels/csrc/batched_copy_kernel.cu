@@ -7,7 +7,7 @@
 
 namespace copytune {
 
-template <typename T, bool kRows, typename Index>
+template <int kUnroll, typename T, bool kRows, typename Index>
 __device__ __forceinline__ void copy_tile(const Copy& c, Index start) {
   const T* __restrict__ src = reinterpret_cast<const T*>(c.src);
   T* __restrict__ dst = reinterpret_cast<T*>(c.dst);
@@ -35,19 +35,21 @@ __device__ __forceinline__ void copy_tile(const Copy& c, Index start) {
   }
 }
 
-template <typename T>
+template <int kUnroll, typename T>
 __device__ __forceinline__ void copy_units(const Copy& c, int64_t start) {
   // 32-bit index arithmetic when the copy allows it: 64-bit division is emulated and several times slower.
   const bool rows = c.cols != c.n;
   if (c.n <= INT32_MAX && (!rows || (c.src_stride <= INT32_MAX / 2 && c.dst_stride <= INT32_MAX / 2 &&
                                       c.n / c.cols * (c.src_stride > c.dst_stride ? c.src_stride : c.dst_stride)
                                           <= INT32_MAX))) {
-    rows ? copy_tile<T, true, uint32_t>(c, uint32_t(start)) : copy_tile<T, false, uint32_t>(c, uint32_t(start));
+    rows ? copy_tile<kUnroll, T, true, uint32_t>(c, uint32_t(start))
+         : copy_tile<kUnroll, T, false, uint32_t>(c, uint32_t(start));
   } else {
-    rows ? copy_tile<T, true, int64_t>(c, start) : copy_tile<T, false, int64_t>(c, start);
+    rows ? copy_tile<kUnroll, T, true, int64_t>(c, start) : copy_tile<kUnroll, T, false, int64_t>(c, start);
   }
 }
 
+template <int kUnroll>
 __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_constant__ Params p) {
   const int64_t tile = blockIdx.x;
   int lo = 0, hi = p.count - 1;  // last copy whose first tile <= tile (empty copies share a begin: skipped)
@@ -56,17 +58,18 @@ __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_con
     if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
   }
   const Copy& c = p.c[lo];
-  const int64_t start = (tile - c.tile_begin) * kTileUnits;
+  const int64_t start = (tile - c.tile_begin) * (int64_t(kThreads) * kUnroll);
   switch (c.vec_log2) {
-    case 4: copy_units<uint4>(c, start); break;
-    case 3: copy_units<uint2>(c, start); break;
-    case 2: copy_units<uint32_t>(c, start); break;
-    case 1: copy_units<uint16_t>(c, start); break;
-    default: copy_units<uint8_t>(c, start); break;
+    case 4: copy_units<kUnroll, uint4>(c, start); break;
+    case 3: copy_units<kUnroll, uint2>(c, start); break;
+    case 2: copy_units<kUnroll, uint32_t>(c, start); break;
+    case 1: copy_units<kUnroll, uint16_t>(c, start); break;
+    default: copy_units<kUnroll, uint8_t>(c, start); break;
   }
 }
 
-int64_t plan_launch(const RawCopy* raw, int count, Params* p) {
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p) {
+  const int64_t tile_units = int64_t(kThreads) * unroll;
   int64_t tiles = 0;
   p->count = count;
   for (int j = 0; j < count; ++j) {
@@ -86,14 +89,20 @@ int64_t plan_launch(const RawCopy* raw, int count, Params* p) {
     c.dst_stride = r.dst_stride >> v;
     if (c.cols == 0) c.cols = 1;  // empty copy: n == 0, never divided by
     c.tile_begin = tiles;
-    tiles += (c.n + kTileUnits - 1) / kTileUnits;
+    tiles += (c.n + tile_units - 1) / tile_units;
   }
   return tiles;
 }
 
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, cudaStream_t stream) {
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
   if (tiles == 0) return cudaSuccess;
-  batched_copy_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p);
+  const unsigned grid = static_cast<unsigned>(tiles);
+  switch (unroll) {
+    case 1: batched_copy_kernel<1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: batched_copy_kernel<2><<<grid, kThreads, 0, stream>>>(p); break;
+    case 8: batched_copy_kernel<8><<<grid, kThreads, 0, stream>>>(p); break;
+    default: batched_copy_kernel<4><<<grid, kThreads, 0, stream>>>(p); break;
+  }
   return cudaGetLastError();
 }
 

@@ -18,7 +18,9 @@ namespace copytune {
 class BoundBatch {
  public:
   // flat: 6 int64 per copy (src, dst, rows, row_bytes, src_stride, dst_stride), bytes; empty copies excluded.
-  BoundBatch(const std::vector<int64_t>& flat, int64_t device) : device_(static_cast<int>(device)) {
+  // unroll: units per thread per tile (1, 2, 4 or 8; anything else is taken as 4, and unroll() says which ran).
+  BoundBatch(const std::vector<int64_t>& flat, int64_t device, int64_t unroll)
+      : device_(static_cast<int>(device)), unroll_(valid_unroll(static_cast<int>(unroll)) ? int(unroll) : 4) {
     raw_.resize(flat.size() / 6);
     for (size_t i = 0; i < raw_.size(); ++i) {
       raw_[i] = RawCopy{flat[6 * i], flat[6 * i + 1], flat[6 * i + 2], flat[6 * i + 3], flat[6 * i + 4],
@@ -102,12 +104,13 @@ class BoundBatch {
   }
 
   std::vector<int64_t> tiles() const { return tiles_; }
+  int64_t unroll() const { return unroll_; }
 
  private:
   void plan() {
     for (size_t k = 0; k < params_.size(); ++k) {
       const int count = static_cast<int>(std::min<size_t>(kMaxCopies, raw_.size() - k * kMaxCopies));
-      tiles_[k] = plan_launch(raw_.data() + k * kMaxCopies, count, &params_[k]);
+      tiles_[k] = plan_launch(raw_.data() + k * kMaxCopies, count, unroll_, &params_[k]);
     }
   }
 
@@ -117,7 +120,7 @@ class BoundBatch {
       if (c10::cuda::current_device() != device_) guard.set_index(device_);
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
       for (size_t k = 0; k < params_.size(); ++k) {
-        const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], stream);
+        const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], unroll_, stream);
         if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
       }
     } catch (const std::exception& e) {
@@ -127,6 +130,7 @@ class BoundBatch {
   }
 
   int device_;
+  int unroll_;
   std::vector<RawCopy> raw_;
   std::vector<int64_t> offsets_;
   struct Follow {
@@ -141,13 +145,14 @@ class BoundBatch {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
-      .def(pybind11::init<const std::vector<int64_t>&, int64_t>())
+      .def(pybind11::init<const std::vector<int64_t>&, int64_t, int64_t>())
       .def("run", &copytune::BoundBatch::run)
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
       .def("set_shape", &copytune::BoundBatch::set_shape)
       .def("follow_source_shape", &copytune::BoundBatch::follow_source_shape)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
-      .def("tiles", &copytune::BoundBatch::tiles);
+      .def("tiles", &copytune::BoundBatch::tiles)
+      .def("unroll", &copytune::BoundBatch::unroll);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
 }

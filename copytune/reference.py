@@ -1,15 +1,15 @@
-"""Reference C++ built for the benchmarks (never for the package): the serving engine's fused metadata-copy
-kernel reproduced from its design, plus the floors a launch path is measured against.
+"""The serving engine's own fused metadata-copy kernel, reproduced from its design as the yardstick for
+``copytune bench`` and ``benchmarks/`` (never a strategy), plus the floors a launch path is measured against.
 
 ``launch(srcs, dsts)``   the engine-style kernel: one launch, a grid-stride loop over each copy in turn, 256
                          threads a block, grid <= 1024 blocks, parameters in a ``__grid_constant__`` struct, int32
                          only, tensors handed to C++ (which reads their addresses)
-``noop()``               a pybind11 call that does nothing: the Python -> C++ round trip
-``noop_tensors(list)``   pybind11 parsing a list of tensors into ``std::vector<at::Tensor>``, nothing else
+``noop()``               a call through torch's ``load_inline`` bindings that does nothing: the Python -> C++ floor
+``noop_tensors(list)``   the same call parsing a list of tensors into ``std::vector<at::Tensor>``
 ``empty_launch(bytes)``  an empty kernel launched on the current stream with a parameter struct of 8, 512 or
-                         2048 bytes: the launch floor and what a larger struct adds to it
+                         2048 bytes: the launch floor, and what a larger struct adds to it
 
-Built once per machine with ``load_inline`` (cached under ``~/.cache/torch_extensions``).
+Compiled on first use per machine with ``load_inline`` (~30-60 s; cached under ``~/.cache/torch_extensions``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ void empty_launch(int64_t bytes);
 
 
 def load():
-    """The built reference module (compiles on first use on a machine: ~30-60 s)."""
+    """The built reference module (compiles on first use on a machine)."""
     from torch.utils.cpp_extension import load_inline  # noqa: PLC0415
 
     return load_inline("copytune_bench_reference", cpp_sources=CPP_DECLS, cuda_sources=CUDA_SRC,
