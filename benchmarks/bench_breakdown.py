@@ -1,11 +1,13 @@
 """Where the eager µs of one metadata refresh go: each layer of the call timed alone, floors first.
 
-Every row is the wall time per call of N back-to-back calls and one synchronize (the tuner's eager timer), so a
-row minus the row above it is what that layer adds. Floors come from ``copytune.reference`` (a pybind call, pybind
-parsing the tensors, an empty kernel launched with a small and a 2 KiB parameter struct). The copytune rows go from
-the bare C++ launch of the bound winner up to the public call, for the NSA decode refresh (page-table width
-growing every step, as in decoding) and for the generic ``batched_copy`` / ``BoundCopy.run`` paths; GPU time is
-the CUDA-graph replay of the bare launch.
+Every row is the wall time per call of 400 back-to-back calls and one synchronize (the tuner's eager timer), the
+median of 9 rounds in which every row is timed once (round-robin: a slow phase of the host hits all rows alike);
+a "+" row minus the row above it is what that layer adds. Floors come from ``copytune.reference`` (a call through
+torch's inline-extension bindings, the same parsing 6 tensors, an empty kernel launched with 8 B to 2 KiB of
+parameters). The copytune rows go from the bare C++ launch of the bound winner up to the public call, for the NSA
+decode refresh (page-table width growing every step, as in decoding) and for the generic ``batched_copy`` /
+``BoundCopy.run`` paths. The last table is GPU time alone (CUDA-graph replay): launch floors, and the 4 MiB page
+table with 16-, 4- and 8-byte units (1024, 1025, 1026 columns) for every tile shape.
 
 Usage: python benchmarks/bench_breakdown.py [--bs 32,256] [--max-len 2048] [--out FILE.json]
 """
@@ -20,14 +22,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_strategies import SETS, _graph_us, _median_us, nsa_batch  # noqa: E402
+from bench_strategies import SETS, _graph_us, nsa_batch  # noqa: E402
 
 import copytune  # noqa: E402
-from copytune import Dispatcher, nsa, reference  # noqa: E402
+from copytune import Dispatcher, benchmark, nsa, reference  # noqa: E402
 from copytune.kernels import cuda_ext  # noqa: E402
 
 
-def nsa_rows(bs: int, max_len: int, calls: int, ref) -> list[tuple[str, float]]:
+def nsa_rows(bs: int, max_len: int, ref) -> list[tuple[str, float]]:
     d = Dispatcher(None, mode="eager", strategy="cuda_ext")
     width = max_len + SETS + 64
     md = nsa.make_example(bs, max_len, width, device="cuda", seed=1)[0]
@@ -57,13 +59,13 @@ def nsa_rows(bs: int, max_len: int, calls: int, ref) -> list[tuple[str, float]]:
                                                                                          dispatcher=d)),
         ("7 × copy_ (reference_copy)", lambda i: nsa.reference_copy(md, pres[i % SETS])),
     ]
-    out = [(name, _median_us(fn, calls)) for name, fn in steps]
+    out = list(benchmark.interleaved(dict(steps), "eager", torch.device("cuda"), repeats=9).items())
     if batch is not None:
         out.append(("GPU time of the launch (graph replay)", _graph_us(lambda i: batch.run())))
     return out
 
 
-def generic_rows(bs: int, max_len: int, calls: int) -> list[tuple[str, float]]:
+def generic_rows(bs: int, max_len: int) -> list[tuple[str, float]]:
     dsts, srcs = nsa_batch(bs, max_len)
     d = Dispatcher(None, mode="eager", strategy="cuda_ext")
     checked = d.bind(list(zip(srcs[0], dsts)))
@@ -77,7 +79,7 @@ def generic_rows(bs: int, max_len: int, calls: int) -> list[tuple[str, float]]:
         ("Dispatcher.copy(pairs) (runner cache)", lambda i: d.copy(pairs[i % SETS])),
         ("7 × copy_", lambda i: [dst.copy_(s) for s, dst in pairs[i % SETS]]),
     ]
-    return [(name, _median_us(fn, calls)) for name, fn in steps]
+    return list(benchmark.interleaved(dict(steps), "eager", torch.device("cuda"), repeats=9).items())
 
 
 def gpu_rows(ref) -> list[tuple[str, float]]:
@@ -98,20 +100,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", default="32,256")
     ap.add_argument("--max-len", type=int, default=2048)
-    ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ref = reference.load()
     cuda_ext.build("cuda")
     card = torch.cuda.get_device_name()
     print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | copytune {copytune.__version__} | "
-          f"eager µs per call, median of 7 × {args.calls} calls")
+          f"eager µs per call, median of 9 round-robin rounds")
     results = {}
     for bs in map(int, args.bs.split(",")):
         for title, rows in ((f"NSA decode refresh, bs={bs}, max_len={args.max_len}+step",
-                             nsa_rows(bs, args.max_len, args.calls, ref)),
+                             nsa_rows(bs, args.max_len, ref)),
                             (f"generic 7-copy batch, bs={bs}, max_len={args.max_len}",
-                             generic_rows(bs, args.max_len, args.calls))):
+                             generic_rows(bs, args.max_len))):
             print(f"\n{title}\n{'layer':<46} {'µs':>7} {'+µs':>7}")
             prev = None
             for name, us in rows:
