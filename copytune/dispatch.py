@@ -288,6 +288,13 @@ class BoundCopy:
         fast = getattr(self._launch, "sources_launcher", None)
         return fast() if fast is not None else self._launch
 
+    def attribute_launcher(self, names: Sequence[str]):
+        """For call sites whose new sources are attributes ``names`` (one per pair) of one object: a callable
+        taking that object, cheaper than ``sources_launcher()`` over an attrgetter where the strategy reads the
+        attributes itself (``cuda_ext``); None otherwise. Returns an error message (raise it) or a falsy value."""
+        make = getattr(self._launch, "attribute_launcher", None)
+        return None if self.checked or make is None else make(list(names))
+
     def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:
         """Let copy ``i`` move ``rows`` rows of ``row_bytes`` bytes from now on, its sources' rows
         ``src_row_stride`` bytes apart, into the same destination rows (an NSA page table gaining a column each

@@ -116,7 +116,7 @@ class _Binding:
     """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
     (the longest sequence grows), so they are followed in place instead of being part of the key."""
 
-    __slots__ = ("attrs", "bound", "get_sources", "launch", "mode", "resizable", "shapes", "widths")
+    __slots__ = ("attrs", "bound", "from_object", "get_sources", "launch", "mode", "resizable", "shapes", "widths")
 
     def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
         self.mode = mode
@@ -135,6 +135,8 @@ class _Binding:
         if all(self.bound.follow_source_shape(i, width * 4) for i, (_, width) in self.widths.items()):
             self.widths = {}
         self.launch = self.bound.sources_launcher()
+        # cheapest of all: the kernel reads the sources off ``pre`` itself (one C++ call per step)
+        self.from_object = None if self.widths else self.bound.attribute_launcher(self.attrs)
 
     def run(self, pre: PrecomputedMetadata, metadatas: Sequence[NSAMetadata] | None = None) -> bool:
         """Launch for ``pre``; False when a page table's shape changed and could not be followed in place.
@@ -143,7 +145,7 @@ class _Binding:
         engine's own copies instead (exact by definition, and no slower than the engine), never a rebind per step.
         """
         if not self.widths:
-            err = self.launch(self.get_sources(pre))
+            err = self.from_object(pre) if self.from_object is not None else self.launch(self.get_sources(pre))
             if err:  # the kernel refused a page table of the wrong rows or too many columns, before launching
                 raise (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
             return True

@@ -205,6 +205,14 @@ class BoundCuda:
         method itself when no copy was empty (it returns "" on success: the module never throws, see binding.cpp)."""
         return self.batch.run_sources if self.live is None else self
 
+    def attribute_launcher(self, names: list[str]):
+        """A callable taking one object whose attributes ``names`` (one per copy) are the new sources, read in
+        C++; it returns an error message or "" (no Python frame, no tuple of tensors per call)."""
+        err = self.batch.set_source_attrs(names if self.live is None else [names[i] for i in self.live])
+        if err:
+            raise RuntimeError(err)
+        return self.batch.run_attrs
+
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         err = self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from copytune import CopyPlan, get_strategy
+from copytune import CopyPlan, Dispatcher, get_strategy
 from copytune.kernels import UnsupportedPlan, cuda_ext
 from tests.cases import Case, check_strategy, random_case, random_fill
 from tests.kernels import triton_checks as checks
@@ -129,3 +129,26 @@ def test_errors_are_python_exceptions_not_crashes(built):
     with pytest.raises(RuntimeError, match="expected 1 sources, got 2"):
         launch([torch.ones(8, device=dev), torch.ones(8, device=dev)])
     assert launch.batch.set_shape(5, 1, 4, 0, 0) == "cuda_ext: copy index out of range"
+
+
+@pytest.mark.cuda
+def test_attribute_launcher_reads_sources_off_an_object(built):
+    """The NSA step's one C++ call: sources are attributes of one object, read in C++; bad objects come back as
+    messages before any launch, never as crashes."""
+    from types import SimpleNamespace
+
+    dev = torch.device("cuda")
+    dsts = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)) for n in (5, 300)]
+    srcs = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)) for n in (5, 300)]
+    bound = Dispatcher(None, strategy=NAME).bind(list(zip(srcs, dsts)), checked=False)
+    run = bound.attribute_launcher(["a", "b"])
+    fresh = SimpleNamespace(a=random_fill(torch.empty(5, dtype=torch.int32, device=dev)),
+                            b=random_fill(torch.empty(300, dtype=torch.int32, device=dev)))
+    assert not run(fresh)
+    torch.cuda.synchronize()
+    assert torch.equal(dsts[0], fresh.a) and torch.equal(dsts[1], fresh.b)
+    before = [d.clone() for d in dsts]
+    assert "no attribute b" in run(SimpleNamespace(a=fresh.a))
+    assert "source 1 is not a tensor" in run(SimpleNamespace(a=fresh.a, b=[1, 2]))
+    torch.cuda.synchronize()
+    assert all(torch.equal(d, b) for d, b in zip(dsts, before))
