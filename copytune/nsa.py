@@ -146,8 +146,8 @@ class _Binding:
         """
         if not self.widths:
             err = self.from_object(pre) if self.from_object is not None else self.launch(self.get_sources(pre))
-            if err:  # the kernel refused a page table of the wrong rows or too many columns, before launching
-                raise (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
+            if err:
+                raise _launch_error(err)
             return True
         for i, (attr, width) in self.widths.items():
             src = getattr(pre, attr)
@@ -170,6 +170,12 @@ class _Binding:
         if err:
             raise RuntimeError(err)
         return True
+
+
+def _launch_error(err: str) -> Exception:
+    """The kernel refused a step before launching: a page table of the wrong rows or too many columns is the
+    caller's input (ValueError); anything else is the launch's (RuntimeError)."""
+    return (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
 
 
 def _base_width(dst_view: torch.Tensor) -> int:
@@ -234,7 +240,11 @@ def batched_copy_metadata(metadata: NSAMetadata, precomputed: PrecomputedMetadat
     fm = precomputed.flashmla_metadata  # _key inlined: the engine's call, every decode step
     binding = _bindings.get((id(metadata), forward_mode, precomputed.seqlens_expanded_size,
                              precomputed.real_page_table is None, fm if fm is None else fm.shape, dispatcher))
-    if binding is None or not binding.run(precomputed):
+    if binding is not None and binding.from_object is not None:  # the whole step is one C++ call
+        err = binding.from_object(precomputed)
+        if err:
+            raise _launch_error(err)
+    elif binding is None or not binding.run(precomputed):
         _rebind((metadata,), id(metadata), precomputed, forward_mode, dispatcher)
 
 
