@@ -152,3 +152,22 @@ def test_attribute_launcher_reads_sources_off_an_object(built):
     assert "source 1 is not a tensor" in run(SimpleNamespace(a=fresh.a, b=[1, 2]))
     torch.cuda.synchronize()
     assert all(torch.equal(d, b) for d, b in zip(dsts, before))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("unroll", cuda_ext.UNROLLS)
+def test_rows_less_aligned_on_the_source_split_into_a_wide_body_and_a_tail(built, unroll):
+    """An NSA page table gaining a column each step: source rows 4- or 8-byte aligned, destination rows 16-byte
+    aligned. The body is stored in 16-byte units from narrower loads, the tail in narrow units: exact bytes into a
+    poisoned buffer, nothing outside the slice touched."""
+    dev = torch.device("cuda")
+    for cols in range(1021, 1029):
+        buf = random_fill(torch.empty(37, 1100, dtype=torch.int32, device=dev))
+        src = random_fill(torch.empty(37, cols, dtype=torch.int32, device=dev))
+        want = buf.clone()
+        want[:, :cols] = src
+        launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, buf[:, :cols])]), {"unroll": unroll})
+        assert launch.batch.vector_bytes() == ([16] if cols % 4 == 0 else [16, 4 if cols % 2 else 8])
+        launch()
+        torch.cuda.synchronize()
+        assert torch.equal(buf, want), cols

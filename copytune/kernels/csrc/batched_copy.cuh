@@ -20,16 +20,20 @@ struct RawCopy {
   int64_t src, dst, rows, row_bytes, src_stride, dst_stride;
 };
 
-// One copy as the kernel reads it: in units of (1 << vec_log2) bytes, the widest that divides both addresses,
-// the row length and both row strides, so 16-byte vector loads are used wherever alignment allows.
+// One copy as the kernel reads it: in units of (1 << vec_log2) bytes, the widest that divides the destination
+// address, row length and row stride (and, unless loads are split, the source's too), so 16-byte stores are used
+// wherever alignment allows. Each unit is loaded as 1 << (vec_log2 - load_log2) pieces of (1 << load_log2) bytes:
+// one piece where the source is as aligned as the destination; several where it is not (an NSA page table whose
+// width is not a multiple of 4 int32: contiguous source rows 4-byte aligned, destination rows 16-byte aligned).
 struct Copy {
   int64_t src, dst;
-  int64_t n;     // units in the copy
-  int64_t cols;  // units per row
-  int64_t src_stride, dst_stride;  // units between rows
-  int64_t tile_begin;              // first tile of this copy in the launch's flattened tile list
+  int64_t n;           // units in the copy
+  int64_t cols;        // units per row
+  int64_t src_stride;  // load pieces between source rows
+  int64_t dst_stride;  // units between destination rows
+  int64_t tile_begin;  // first tile of this copy in the launch's flattened tile list
   int32_t vec_log2;
-  int32_t pad_;
+  int32_t load_log2;   // <= vec_log2
 };
 
 struct Params {
@@ -38,6 +42,8 @@ struct Params {
 };
 
 // Fill `p` from `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the grid).
+// A 2-D copy whose rows are less aligned on the source than on the destination is split into a body of whole
+// 16- or 8-byte destination units (loaded in pieces) and a narrow tail per row, while `p` has room.
 int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p);
 
 // Launch one chunk (at most kMaxCopies copies) planned with the same `unroll`. Returns the launch's cudaError_t.

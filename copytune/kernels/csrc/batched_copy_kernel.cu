@@ -7,45 +7,59 @@
 
 namespace copytune {
 
-template <int kUnroll, typename T, bool kRows, typename Index>
+// T: the unit (one store); L: one load piece (T itself, or a narrower type when the source is less aligned).
+template <int kUnroll, typename T, typename L, bool kRows, typename Index>
 __device__ __forceinline__ void copy_tile(const Copy& c, Index start) {
-  const T* __restrict__ src = reinterpret_cast<const T*>(c.src);
+  constexpr int kPieces = sizeof(T) / sizeof(L);
+  union Unit {
+    T t;
+    L l[kPieces];
+  };
+  const L* __restrict__ src = reinterpret_cast<const L*>(c.src);
   T* __restrict__ dst = reinterpret_cast<T*>(c.dst);
   const Index n = static_cast<Index>(c.n);
-  T v[kUnroll];
+  Unit v[kUnroll];
   Index to[kUnroll];
 #pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {  // all loads first: kUnroll independent loads in flight per thread
+  for (int k = 0; k < kUnroll; ++k) {  // all loads first: kUnroll independent units in flight per thread
     const Index i = start + Index(k) * kThreads + threadIdx.x;
     if (i < n) {
-      Index from = i;
+      Index from = i * kPieces;
       to[k] = i;
       if constexpr (kRows) {
         const Index cols = static_cast<Index>(c.cols);
         const Index r = i / cols, col = i - r * cols;
-        from = r * static_cast<Index>(c.src_stride) + col;
+        from = r * static_cast<Index>(c.src_stride) + col * kPieces;
         to[k] = r * static_cast<Index>(c.dst_stride) + col;
       }
-      v[k] = src[from];
+      if constexpr (kPieces == 1) {
+        v[k].t = *reinterpret_cast<const T*>(src + from);
+      } else {
+#pragma unroll
+        for (int q = 0; q < kPieces; ++q) v[k].l[q] = src[from + q];
+      }
     }
   }
 #pragma unroll
   for (int k = 0; k < kUnroll; ++k) {
-    if (start + Index(k) * kThreads + threadIdx.x < n) dst[to[k]] = v[k];
+    if (start + Index(k) * kThreads + threadIdx.x < n) dst[to[k]] = v[k].t;
   }
 }
 
-template <int kUnroll, typename T>
+template <int kUnroll, typename T, typename L>
 __device__ __forceinline__ void copy_units(const Copy& c, int64_t start) {
-  // 32-bit index arithmetic when the copy allows it: 64-bit division is emulated and several times slower.
+  // 32-bit index arithmetic when every index fits: 64-bit division is emulated and several times slower.
+  constexpr int64_t kPieces = sizeof(T) / sizeof(L);
   const bool rows = c.cols != c.n;
-  if (c.n <= INT32_MAX && (!rows || (c.src_stride <= INT32_MAX / 2 && c.dst_stride <= INT32_MAX / 2 &&
-                                      c.n / c.cols * (c.src_stride > c.dst_stride ? c.src_stride : c.dst_stride)
-                                          <= INT32_MAX))) {
-    rows ? copy_tile<kUnroll, T, true, uint32_t>(c, uint32_t(start))
-         : copy_tile<kUnroll, T, false, uint32_t>(c, uint32_t(start));
+  const int64_t row_count = rows ? c.n / c.cols : 1;
+  const int64_t src_reach = rows ? row_count * c.src_stride : c.n * kPieces;  // load index bound
+  const int64_t dst_reach = rows ? row_count * c.dst_stride : c.n;
+  if (c.n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX && c.src_stride <= INT32_MAX / 2 &&
+      c.dst_stride <= INT32_MAX / 2) {
+    rows ? copy_tile<kUnroll, T, L, true, uint32_t>(c, uint32_t(start))
+         : copy_tile<kUnroll, T, L, false, uint32_t>(c, uint32_t(start));
   } else {
-    rows ? copy_tile<kUnroll, T, true, int64_t>(c, start) : copy_tile<kUnroll, T, false, int64_t>(c, start);
+    rows ? copy_tile<kUnroll, T, L, true, int64_t>(c, start) : copy_tile<kUnroll, T, L, false, int64_t>(c, start);
   }
 }
 
@@ -59,38 +73,78 @@ __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_con
   }
   const Copy& c = p.c[lo];
   const int64_t start = (tile - c.tile_begin) * (int64_t(kThreads) * kUnroll);
-  switch (c.vec_log2) {
-    case 4: copy_units<kUnroll, uint4>(c, start); break;
-    case 3: copy_units<kUnroll, uint2>(c, start); break;
-    case 2: copy_units<kUnroll, uint32_t>(c, start); break;
-    case 1: copy_units<kUnroll, uint16_t>(c, start); break;
-    default: copy_units<kUnroll, uint8_t>(c, start); break;
+  switch (c.vec_log2 * 8 + c.load_log2) {  // (unit, load piece); plan_launch only splits into these three
+    case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, start); break;
+    case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2>(c, start); break;
+    case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, start); break;
+    case 3 * 8 + 3: copy_units<kUnroll, uint2, uint2>(c, start); break;
+    case 3 * 8 + 2: copy_units<kUnroll, uint2, uint32_t>(c, start); break;
+    case 2 * 8 + 2: copy_units<kUnroll, uint32_t, uint32_t>(c, start); break;
+    case 1 * 8 + 1: copy_units<kUnroll, uint16_t, uint16_t>(c, start); break;
+    default: copy_units<kUnroll, uint8_t, uint8_t>(c, start); break;
   }
 }
+
+namespace {
+
+int widest_log2(uint64_t bits) {  // the widest of 16/8/4/2/1 bytes that divides `bits`
+  int v = 4;
+  while (v > 0 && (bits & ((uint64_t(1) << v) - 1))) --v;
+  return v;
+}
+
+void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* tiles, Copy* c) {
+  c->src = r.src;
+  c->dst = r.dst;
+  c->vec_log2 = vec;
+  c->load_log2 = load;
+  c->cols = r.row_bytes >> vec;
+  c->n = r.rows * c->cols;
+  c->src_stride = r.src_stride >> load;
+  c->dst_stride = r.dst_stride >> vec;
+  if (c->cols == 0) c->cols = 1;  // empty copy: n == 0, never divided by
+  c->tile_begin = *tiles;
+  *tiles += (c->n + tile_units - 1) / tile_units;
+}
+
+}  // namespace
 
 int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p) {
   const int64_t tile_units = int64_t(kThreads) * unroll;
   int64_t tiles = 0;
-  p->count = count;
+  int e = 0;
   for (int j = 0; j < count; ++j) {
     const RawCopy& r = raw[j];
-    uint64_t bits = uint64_t(r.src) | uint64_t(r.dst) | uint64_t(r.row_bytes);
-    if (r.rows > 1) bits |= uint64_t(r.src_stride) | uint64_t(r.dst_stride);
-    int v = 4;
-    while (v > 0 && (bits & ((uint64_t(1) << v) - 1))) --v;
-    Copy& c = p->c[j];
-    c.src = r.src;
-    c.dst = r.dst;
-    c.vec_log2 = v;
-    c.pad_ = 0;
-    c.cols = r.row_bytes >> v;
-    c.n = r.rows * c.cols;
-    c.src_stride = r.src_stride >> v;
-    c.dst_stride = r.dst_stride >> v;
-    if (c.cols == 0) c.cols = 1;  // empty copy: n == 0, never divided by
-    c.tile_begin = tiles;
-    tiles += (c.n + tile_units - 1) / tile_units;
+    const uint64_t dst_bits = uint64_t(r.dst) | (r.rows > 1 ? uint64_t(r.dst_stride) : 0);
+    const uint64_t src_bits = uint64_t(r.src) | (r.rows > 1 ? uint64_t(r.src_stride) : 0);
+    const int both = widest_log2(dst_bits | src_bits | uint64_t(r.row_bytes));
+    const int store = widest_log2(dst_bits);
+    const int load = widest_log2(src_bits);
+    // Split: destination units of 8 or 16 bytes loaded in 4- or 8-byte pieces, if wider than the common unit,
+    // at least one unit per row, and room for the body and the tail in `p` (what remains stays unsplit).
+    const int64_t body = store > 2 && load >= 2 && load < store && store > both
+        ? r.row_bytes & ~((int64_t(1) << store) - 1) : 0;
+    const int64_t tail = r.row_bytes - body;
+    const int need = body > 0 ? (tail > 0 ? 2 : 1) : 1;
+    if (body > 0 && e + need + (count - j - 1) <= kMaxCopies) {
+      RawCopy b = r;
+      b.row_bytes = body;
+      describe(b, store, load, tile_units, &tiles, &p->c[e++]);
+      if (tail > 0) {
+        RawCopy t = r;
+        t.src += body;
+        t.dst += body;
+        t.row_bytes = tail;
+        const uint64_t bits = uint64_t(t.src) | uint64_t(t.dst) | uint64_t(tail) |
+                              (t.rows > 1 ? uint64_t(t.src_stride) | uint64_t(t.dst_stride) : 0);
+        const int v = widest_log2(bits);
+        describe(t, v, v, tile_units, &tiles, &p->c[e++]);
+      }
+    } else {
+      describe(r, both, both, tile_units, &tiles, &p->c[e++]);
+    }
   }
+  p->count = e;
   return tiles;
 }
 
