@@ -90,6 +90,15 @@ def strategy_steps(plan: CopyPlan, device: torch.device, mode: str) -> tuple[dic
     return steps, notes
 
 
+def strategy_steps_by_mode(plan: CopyPlan, device: torch.device) -> tuple[dict[str, dict[str, Step]], dict]:
+    """``strategy_steps`` for every mode of ``device``; the notes of the first mode (eager) win."""
+    steps, notes = {}, {}
+    for mode in modes_for(device):
+        steps[mode], mode_notes = strategy_steps(plan, device, mode)
+        notes.update({k: v for k, v in mode_notes.items() if k not in notes})
+    return steps, notes
+
+
 def call_site_steps(profile: ModelProfile, bs: int, max_len: int, forward_mode: str, device: torch.device,
                     mode: str, cache: Path, reference=None) -> dict[str, Step]:
     """The engine's ``copy_`` sequence, the public call through a dispatcher of ``mode`` (tuned on first use into
@@ -129,10 +138,8 @@ def sweep(profile: ModelProfile, batch_sizes: Sequence[int], max_lens: Sequence[
                 plan = CopyPlan.from_pairs(profile.example_pairs(bs, max_len, forward_mode, device))
                 point = Point(f"{profile.name} {forward_mode} bs={bs} max_len={max_len}: {len(plan)} copies, "
                               f"{plan.nbytes} bytes", bs, max_len, plan.nbytes)
-                steps, notes = {}, {}
-                for mode in modes_for(device):
-                    steps[mode], mode_notes = strategy_steps(plan, device, mode)
-                    notes.update({k: v for k, v in mode_notes.items() if k not in notes})
+                steps, notes = strategy_steps_by_mode(plan, device)
+                for mode in steps:
                     steps[mode].update(call_site_steps(profile, bs, max_len, forward_mode, device, mode,
                                                        Path(tmp) / f"{mode}.db", reference))
                 point.rows = measure(steps, notes, device)
@@ -159,10 +166,7 @@ def large(sizes_mib: Sequence[int], device: torch.device, progress=None) -> list
     for mib in sizes_mib:
         for layout in ("contiguous", "2-D strided"):
             plan = CopyPlan.from_pairs(large_pairs(mib, layout, device))
-            steps, notes = {}, {}
-            for mode in modes_for(device):
-                steps[mode], mode_notes = strategy_steps(plan, device, mode)
-                notes.update({k: v for k, v in mode_notes.items() if k not in notes})
+            steps, notes = strategy_steps_by_mode(plan, device)
             point = Point(f"large: {mib} MiB, {layout}", 0, 0, plan.nbytes, measure(steps, notes, device))
             points.append(point)
             if progress:
