@@ -319,3 +319,24 @@ def _triton_version() -> str:
     except ImportError:
         return "not installed"
     return triton.__version__
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cache_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(cache_path, command: tuple[str, ...]) -> None:
+    """Run COMMAND with copytune serving the serving engine's metadata copies: no change to the engine or the
+    launch script. Every Python process it starts patches sglang's DSA/NSA backend when the engine imports it
+    and prints one line saying so.
+
+    Example: copytune run -- python -m sglang.launch_server --model-path deepseek-ai/DeepSeek-V3.2 --tp 8
+    """
+    import os  # noqa: PLC0415
+
+    from copytune.autoload import autoload_env  # noqa: PLC0415
+
+    env = autoload_env(os.environ, cache_path)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise click.ClickException(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None

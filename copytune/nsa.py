@@ -1,66 +1,92 @@
-"""The NSA (native sparse attention) backend's CUDA-graph metadata refresh, as one tuned launch.
+"""The serving engine's sparse-attention metadata refresh (sglang's DSA backend, NSA before 0.5.16) as one launch.
 
-Before every decode replay the serving engine's NSA backend copies freshly computed metadata into graph-static
-buffers with 6–8 ``.copy_()`` calls (``init_forward_metadata_replay_cuda_graph_from_precomputed``).
-``batched_copy_metadata`` performs exactly those copies, with the same bytes, through one launch of the tuned
-strategy. The first call per (buffers, sizes, mode) validates and binds; later calls read the new sources'
-addresses from their base tensors (no slice views: each costs ~3.5 µs on an H100) and launch.
+Before every CUDA-graph replay the backend copies one step's precomputed values into its graph-static buffers:
+``DSAMetadataManagementMixin._copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode)`` in sglang
+0.5.16+ (its JIT kernel, else 6–9 ``.copy_()`` calls), the body of
+``init_forward_metadata_replay_cuda_graph_from_precomputed`` in 0.5.10. Speculative decoding repeats it for every
+draft backend (the engine fuses the first three, ``fused_metadata_copy_multi_cuda``, and loops over the rest).
 
-Names, shapes and the copy list follow the engine's ``NSAMetadata`` / ``PrecomputedMetadata`` (all int32).
-``bs`` is the batch, ``D`` the draft tokens per request, ``n`` = bs in decode and bs·D in target-verify.
+This module is the engine-specific data — names, the copy list, the seams — over ``copytune.callsite``'s generic
+bindings. It reads the engine's own objects (``DSAMetadata``/``NSAMetadata``, ``PrecomputedMetadata``,
+``DSAFlashMLAMetadata``, ``ForwardMode``), telling the two naming schemes apart by attribute, never by version.
+``install()`` takes over the copy seams only: every other step of the engine's replay (prefill-impl choice, the
+DeepGEMM schedule refresh, top-k plans, KPool metadata) stays the engine's code. A call it does not understand
+goes to the engine's original code unchanged, and is counted (``stats()``).
 """
 
 from __future__ import annotations
 
+import contextvars
+import importlib
+import logging
 import math
 import operator
-import warnings
-import weakref
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from copytune.dispatch import Dispatcher, default_dispatcher
+from copytune.callsite import CallSite, Copy, Unsupported
+from copytune.dispatch import Dispatcher
 
-FORWARD_MODES = ("decode", "target_verify", "draft_extend")
-NSA_TOPK = 2048  # DeepSeek-V3.2's index top-k: NSA sequence lengths are clamped to it
-BINDINGS_PER_METADATA = 64  # bound sizes kept per metadata set (oldest dropped first)
+log = logging.getLogger("copytune")
+
+FORWARD_MODES = ("decode", "target_verify", "draft_extend", "draft_extend_v2")
+TOPK = 2048  # DeepSeek-V3.2's index top-k: the dsa_* sequence lengths are clamped to it
+NSA_TOPK = TOPK
 
 
-@dataclass(eq=False)
-class NSAMetadata:
-    """Graph-static buffers of one backend for one captured batch size (views of ``max_num_tokens`` buffers)."""
+# -- the engine's objects, mirrored for examples, tuning and benchmarks (the engine's own objects work as they are)
+@dataclass(frozen=True, eq=False)
+class FlashMLAMetadata:
+    """``DSAFlashMLAMetadata``: FlashMLA's tile-scheduler metadata (copied whole) and ``num_splits`` (``[:size+1]``)."""
+
+    flashmla_metadata: torch.Tensor
+    num_splits: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class DSAMetadata:
+    """Graph-static buffers of one backend for one captured batch size: views of ``max_num_tokens`` buffers."""
 
     cache_seqlens_int32: torch.Tensor  # [bs]
     cu_seqlens_k: torch.Tensor  # [bs + 1], written at [1:]
     page_table_1: torch.Tensor  # [n, max_context_len], written at [:rows, :max_len]
-    nsa_cache_seqlens_int32: torch.Tensor  # [n]
-    nsa_cu_seqlens_k: torch.Tensor  # [n + 1], written at [1:1 + size]
-    nsa_seqlens_expanded: torch.Tensor  # [n] (target-verify, draft-extend)
-    real_page_table: torch.Tensor | None = None  # [n, ceil(max_context_len / page_size)] when page_size > 1
-    flashmla_metadata: torch.Tensor | None = None  # FlashMLA scheduler metadata, written at [:size + 1]
+    real_page_table: torch.Tensor  # [n, ceil(max_context_len / page_size)]; page_table_1 itself at page size 1
+    dsa_cache_seqlens_int32: torch.Tensor  # [n]
+    dsa_cu_seqlens_k: torch.Tensor  # [n + 1], written at [1:1 + size]
+    dsa_seqlens_expanded: torch.Tensor  # [n] (target-verify, draft-extend)
+    flashmla_metadata: FlashMLAMetadata | None = None
 
 
 @dataclass(eq=False)
 class PrecomputedMetadata:
-    """The freshly computed values of one step (the engine computes them once for all draft-step backends)."""
+    """One step's freshly computed values (the engine computes them once for all draft-step backends)."""
 
     cache_seqlens: torch.Tensor  # [bs]
     cu_seqlens_k: torch.Tensor  # [bs + 1]
-    page_indices: torch.Tensor  # [rows, max_len]
-    real_page_table: torch.Tensor | None  # [rows, ceil(max_len / page_size)]
+    req_pool_indices: torch.Tensor  # [bs] int64 (never copied)
+    page_indices: torch.Tensor  # [rows, cols]
+    real_page_table: torch.Tensor | None  # [rows, ceil(cols / page_size)], None at page size 1
     seqlens_expanded: torch.Tensor  # [size]
-    nsa_cache_seqlens: torch.Tensor  # [size]
-    nsa_cu_seqlens_k: torch.Tensor  # [size + 1]
+    dsa_cache_seqlens: torch.Tensor  # [size]
+    dsa_cu_seqlens_k: torch.Tensor  # [size + 1]
     seqlens_expanded_size: int
     max_len: int  # page-table columns in decode
     max_seqlen_k: int  # page-table columns in target-verify and draft-extend
-    flashmla_metadata: torch.Tensor | None = None
+    flashmla_metadata: FlashMLAMetadata | None = None
 
 
+# -- the copy list --------------------------------------------------------------------------------------------
 def forward_mode_name(forward_mode) -> str:
-    """``"decode"``, ``"target_verify"`` or ``"draft_extend"`` from a string or the engine's ``ForwardMode``."""
+    """The copy list a forward mode selects, from one of FORWARD_MODES or the engine's ``ForwardMode``.
+
+    As the engine's copy code branches: decode (and idle), target-verify, draft-extend where the enum has
+    ``is_draft_extend()`` (0.5.10's ``DRAFT_EXTEND``); every other mode — ``DRAFT_EXTEND_V2`` in all releases —
+    copies only the common part, which is what the engine does for it (its fused kernel refuses such a mode and
+    its ``.copy_()`` fallback skips the mode-specific copies).
+    """
     if isinstance(forward_mode, str):
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
@@ -69,193 +95,123 @@ def forward_mode_name(forward_mode) -> str:
         return "decode"
     if forward_mode.is_target_verify():
         return "target_verify"
-    if forward_mode.is_draft_extend():
-        return "draft_extend"
-    raise ValueError(f"unsupported forward mode {forward_mode}")
+    is_draft_extend = getattr(forward_mode, "is_draft_extend", None)
+    return "draft_extend" if is_draft_extend is not None and is_draft_extend() else "draft_extend_v2"
 
 
-def _copies(md: NSAMetadata, pre: PrecomputedMetadata, mode: str) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
-    """(source view, base attribute of ``pre``, destination view) in the engine's order."""
-    size = pre.seqlens_expanded_size
-    out = [(pre.cache_seqlens, "cache_seqlens", md.cache_seqlens_int32),
-           (pre.cu_seqlens_k[1:], "cu_seqlens_k", md.cu_seqlens_k[1:])]
+def _prefix(obj) -> str:
+    """``dsa`` (sglang 0.5.16+) or ``nsa`` (earlier): the engine renamed its fields with the backend."""
+    return "dsa" if hasattr(obj, "dsa_cu_seqlens_k") else "nsa"
+
+
+def _copy_list(md, get, mode: str, size: int, max_len: int, max_seqlen_k: int, rows: int) -> list[Copy]:
+    """One backend's copies in the engine's order. ``get(name)``, ``name`` as 0.5.16+ spells it: (the source's
+    base tensor or None, where the step's source object holds it)."""
+    p = _prefix(md)
+    if md.page_table_1 is None:  # 0.5.23's dsa_drop_wide_page_table: the engine's own copies would fail too
+        raise Unsupported("page_table_1 is None")
+
+    def copy(name, dst, view=None, follows=False) -> Copy:
+        base, path = get(name)
+        return Copy(base if view is None else view(base), path, dst if view is None else view(dst), follows)
+
+    tail = operator.itemgetter(slice(1, None))
+    out = [copy("cache_seqlens", md.cache_seqlens_int32), copy("cu_seqlens_k", md.cu_seqlens_k, tail)]
     if mode == "decode":
-        out += [(pre.page_indices, "page_indices", md.page_table_1[:, :pre.max_len]),
-                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32)]
+        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_len], True),
+                copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32"))]
     elif mode == "target_verify":
-        out += [(pre.page_indices, "page_indices", md.page_table_1[:, :pre.max_seqlen_k]),
-                (pre.seqlens_expanded, "seqlens_expanded", md.nsa_seqlens_expanded),
-                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32)]
-    else:
-        rows = pre.page_indices.shape[0]
-        out += [(pre.page_indices, "page_indices", md.page_table_1[:rows, :pre.max_seqlen_k]),
-                (pre.seqlens_expanded, "seqlens_expanded", md.nsa_seqlens_expanded[:size]),
-                (pre.nsa_cache_seqlens, "nsa_cache_seqlens", md.nsa_cache_seqlens_int32[:size])]
-    out.append((pre.nsa_cu_seqlens_k[1:1 + size], "nsa_cu_seqlens_k", md.nsa_cu_seqlens_k[1:1 + size]))
-    if pre.real_page_table is not None:
-        rows, cols = pre.real_page_table.shape
-        out.append((pre.real_page_table, "real_page_table", md.real_page_table[:rows, :cols]))
-    if pre.flashmla_metadata is not None:
-        out.append((pre.flashmla_metadata, "flashmla_metadata", md.flashmla_metadata[:size + 1]))
+        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_seqlen_k], True),
+                copy("seqlens_expanded", getattr(md, f"{p}_seqlens_expanded")),
+                copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32"))]
+    elif mode == "draft_extend":
+        out += [Copy(*get("page_indices"), md.page_table_1[:rows, :max_seqlen_k], True),
+                copy("seqlens_expanded", getattr(md, f"{p}_seqlens_expanded")[:size]),
+                copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32")[:size])]
+    out.append(copy("dsa_cu_seqlens_k", getattr(md, f"{p}_cu_seqlens_k"), operator.itemgetter(slice(1, 1 + size))))
+    real, _ = get("real_page_table")
+    if real is not None:
+        r, c = real.shape
+        out.append(Copy(*get("real_page_table"), md.real_page_table[:r, :c], True))
+    splits, _ = get("flashmla_metadata.num_splits")
+    if splits is not None:
+        out += [copy("flashmla_metadata.num_splits", md.flashmla_metadata.num_splits[:size + 1]),
+                copy("flashmla_metadata.flashmla_metadata", md.flashmla_metadata.flashmla_metadata)]
     return out
 
 
-def copy_pairs(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode"):
-    """The exact (src, dst) list the backend's replay step copies, in its order, as views."""
-    return [(s, d) for s, _, d in _copies(metadata, precomputed, forward_mode_name(forward_mode))]
+def _from_precomputed(metadatas: Sequence, pre, forward_mode) -> list[Copy]:
+    """The copies from a ``PrecomputedMetadata`` (sources read as its attributes)."""
+    p = _prefix(pre)
 
+    def get(name):
+        path = name.replace("dsa_", f"{p}_", 1)
+        if name.startswith("flashmla_metadata.") and pre.flashmla_metadata is None:
+            return None, path
+        return operator.attrgetter(path)(pre), path
 
-def reference_copy(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode") -> None:
-    """The engine's original sequence of ``.copy_()`` calls (for tests and benchmarks)."""
-    for src, dst in copy_pairs(metadata, precomputed, forward_mode):
-        dst.copy_(src)
-
-
-# -- the hot path ---------------------------------------------------------------------------------------------
-class _Binding:
-    """A bound refresh for one structure (mode, sizes). The page tables' column counts change every decode step
-    (the longest sequence grows), so they are followed in place instead of being part of the key."""
-
-    __slots__ = ("attrs", "bound", "from_object", "get_sources", "launch", "mode", "resizable", "shapes", "widths")
-
-    def __init__(self, metadatas, pre: PrecomputedMetadata, mode: str, dispatcher: Dispatcher):
-        self.mode = mode
-        triples = [t for md in metadatas for t in _copies(md, pre, mode)]
-        self.attrs = tuple(a for _, a, _ in triples)
-        self.bound = dispatcher.bind([(s, d) for s, _, d in triples], checked=False,
-                                     bases=[getattr(pre, a) for a in self.attrs])
-        # copies whose columns follow the step's longest sequence: index -> (attr, widest the buffer takes)
-        self.widths = {i: (a, _base_width(d)) for i, (_, a, d) in enumerate(triples)
-                       if a in ("page_indices", "real_page_table")}
-        self.shapes = {i: triples[i][0].shape for i in self.widths}
-        self.resizable = not self.bound.strategy.startswith("torch")
-        self.get_sources = operator.attrgetter(*self.attrs) if len(self.attrs) > 1 else \
-            (lambda pre, a=self.attrs[0]: (getattr(pre, a),))
-        # where the kernel reads the page tables' widths from the sources itself, a step is one C++ call
-        if all(self.bound.follow_source_shape(i, width * 4) for i, (_, width) in self.widths.items()):
-            self.widths = {}
-        self.launch = self.bound.sources_launcher()
-        # cheapest of all: the kernel reads the sources off ``pre`` itself (one C++ call per step)
-        self.from_object = None if self.widths else self.bound.attribute_launcher(self.attrs)
-
-    def run(self, pre: PrecomputedMetadata, metadatas: Sequence[NSAMetadata] | None = None) -> bool:
-        """Launch for ``pre``; False when a page table's shape changed and could not be followed in place.
-
-        A torch winner cannot follow a new width (its views are fixed): given ``metadatas``, such a step runs the
-        engine's own copies instead (exact by definition, and no slower than the engine), never a rebind per step.
-        """
-        if not self.widths:
-            err = self.from_object(pre) if self.from_object is not None else self.launch(self.get_sources(pre))
-            if err:
-                raise _launch_error(err)
-            return True
-        for i, (attr, width) in self.widths.items():
-            src = getattr(pre, attr)
-            if src.shape != self.shapes[i]:
-                rows, cols = src.shape
-                if cols > width:
-                    raise ValueError(f"{attr} has {cols} columns; the metadata buffer holds {width}")
-                if rows != self.shapes[i][0]:
-                    return False  # the caller binds anew, which validates (and refuses a mismatch)
-                if not self.resizable:
-                    if metadatas is None:
-                        return False
-                    for md in metadatas:
-                        reference_copy(md, pre, self.mode)
-                    return True
-                if not self.bound.resize_copy(i, rows, cols * 4, src.stride(0) * 4):
-                    return False
-                self.shapes[i] = src.shape
-        err = self.launch(self.get_sources(pre))
-        if err:
-            raise RuntimeError(err)
-        return True
-
-
-def _launch_error(err: str) -> Exception:
-    """The kernel refused a step before launching: a page table of the wrong rows or too many columns is the
-    caller's input (ValueError); anything else is the launch's (RuntimeError)."""
-    return (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
-
-
-def _base_width(dst_view: torch.Tensor) -> int:
-    """Columns available to a ``buffer[:rows, :cols]`` destination: the buffer's row stride."""
-    return dst_view.stride(0) if dst_view.dim() == 2 else dst_view.numel()
-
-
-# Bindings by (owner, forward_mode, size, real_page_table is None, FlashMLA shape, dispatcher): everything the
-# copy list depends on besides the buffers (the owner: id(metadata), or a tuple of ids for several backends) and
-# the page tables' sizes, which the binding follows or checks itself. The forward mode is keyed as given (a
-# string or the engine's enum), so a call costs one tuple, one dict lookup and the launch; page_indices' row
-# count is not in the key (it equals the size in every mode, and the launch checks it).
-_bindings: dict[tuple, _Binding] = {}
-_owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
-_pinned: dict[object, list] = {}  # metadata objects that cannot be weakly referenced, kept alive while bound
-
-
-def _key(owner, pre: PrecomputedMetadata, forward_mode, dispatcher) -> tuple:
-    fm = pre.flashmla_metadata
-    return (owner, forward_mode, pre.seqlens_expanded_size, pre.real_page_table is None,
-            fm if fm is None else fm.shape, dispatcher)
-
-
-def _forget(owner) -> None:
-    for key in _owned.pop(owner, ()):
-        _bindings.pop(key, None)
-    _pinned.pop(owner, None)
-
-
-def _rebind(metadatas: Sequence[NSAMetadata], owner, pre: PrecomputedMetadata, forward_mode,
-            dispatcher: Dispatcher | None) -> None:
-    """The cold path: a step the bound copy could not take alone (see ``_Binding.run``), else validate, bind
-    (tuning if the signature is new) and run, replacing a stale binding."""
     mode = forward_mode_name(forward_mode)
-    key = _key(owner, pre, forward_mode, dispatcher)
-    entry = _bindings.get(key)
-    if entry is not None and entry.run(pre, metadatas):
-        return
-    keys = _owned.get(owner)
-    if keys is None:
-        keys = _owned[owner] = []
-        for md in metadatas:  # forget the bindings when any of these buffer sets is freed
-            try:
-                weakref.finalize(md, _forget, owner)
-            except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
-                _pinned.setdefault(owner, []).append(md)
-    entry = _Binding(metadatas, pre, mode, dispatcher or default_dispatcher("eager"))
-    if key in _bindings:
-        keys.remove(key)
-    elif len(keys) >= BINDINGS_PER_METADATA:
-        _bindings.pop(keys.pop(0), None)
-    _bindings[key] = entry
-    keys.append(key)
-    if not entry.run(pre):
-        raise RuntimeError("copytune.nsa: a fresh binding could not run the step it was bound for")
+    return [c for md in metadatas for c in _copy_list(md, get, mode, pre.seqlens_expanded_size, pre.max_len,
+                                                      pre.max_seqlen_k, pre.page_indices.shape[0])]
 
 
-def batched_copy_metadata(metadata: NSAMetadata, precomputed: PrecomputedMetadata, forward_mode="decode", *,
+def _precomputed_structure(pre) -> tuple:
+    fm = pre.flashmla_metadata
+    return (pre.seqlens_expanded_size, pre.real_page_table is None,
+            None if fm is None else (fm.num_splits.shape, fm.flashmla_metadata.shape))
+
+
+# The engine's multi-backend kernel takes 8 sources, 3 × 8 destinations, then bs, max_len, seqlens_expanded_size.
+MULTI_SOURCES = ("cache_seqlens", "cu_seqlens_k", "page_indices", "dsa_cache_seqlens", "dsa_cu_seqlens_k",
+                 "real_page_table", "flashmla_metadata.num_splits", "flashmla_metadata.flashmla_metadata")
+MULTI_ARGS = 8 * 4 + 3
+
+
+def _from_multi_args(metadatas: Sequence, args: tuple, forward_mode) -> list[Copy]:
+    """The decode copies from the engine's multi-backend kernel's arguments (sources read by position)."""
+    def get(name):
+        i = MULTI_SOURCES.index(name)
+        return args[i], i
+
+    size, max_len = args[MULTI_ARGS - 1], args[MULTI_ARGS - 2]
+    return [c for md in metadatas for c in _copy_list(md, get, "decode", size, max_len, -1, args[2].shape[0])]
+
+
+def _multi_structure(args: tuple) -> tuple:
+    fm = args[7]
+    return args[MULTI_ARGS - 1], args[5] is None, None if fm is None else (args[6].shape, fm.shape)
+
+
+_SITE = CallSite("metadata refresh", _from_precomputed, _precomputed_structure)
+_MULTI_SITE = CallSite("multi-backend metadata refresh", _from_multi_args, _multi_structure)
+
+
+def copy_pairs(metadata, precomputed, forward_mode="decode") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The exact (src, dst) views the engine's copy code copies for one backend, in its order."""
+    return [(c.src, c.dst) for c in _from_precomputed((metadata,), precomputed, forward_mode)]
+
+
+def reference_copy(metadata, precomputed, forward_mode="decode") -> None:
+    """The engine's ``.copy_()`` sequence, one copy at a time (tests, benchmarks, torch fallbacks)."""
+    _SITE.run_copies((metadata,), precomputed, forward_mode)
+
+
+def batched_copy_metadata(metadata, precomputed, forward_mode="decode", *,
                           dispatcher: Dispatcher | None = None) -> None:
-    """Refresh ``metadata`` from ``precomputed`` exactly as the backend's ``.copy_()`` sequence does, in one
-    tuned launch. The first call per structure validates and binds (and tunes, if this signature is new)."""
-    fm = precomputed.flashmla_metadata  # _key inlined: the engine's call, every decode step
-    binding = _bindings.get((id(metadata), forward_mode, precomputed.seqlens_expanded_size,
-                             precomputed.real_page_table is None, fm if fm is None else fm.shape, dispatcher))
-    if binding is not None and binding.from_object is not None:  # the whole step is one C++ call
-        err = binding.from_object(precomputed)
-        if err:
-            raise _launch_error(err)
-    elif binding is None or not binding.run(precomputed):
-        _rebind((metadata,), id(metadata), precomputed, forward_mode, dispatcher)
+    """Refresh ``metadata`` from ``precomputed`` exactly as the engine's copy code does, in one tuned launch.
+
+    ``metadata``/``precomputed``: the engine's own objects (either naming scheme) or this module's mirrors.
+    The first call per structure validates and binds (and tunes, if the signature is new); later calls read the
+    sources off ``precomputed`` and launch. Raises ValueError before launching on input the copies cannot take.
+    """
+    _SITE.refresh((metadata,), id(metadata), precomputed, forward_mode, dispatcher)
 
 
-def batched_copy_metadata_multi(metadatas: Sequence[NSAMetadata], precomputed: PrecomputedMetadata,
-                                forward_mode="decode", *, dispatcher: Dispatcher | None = None) -> None:
-    """Refresh several backends' buffers (one per draft step in speculative decoding) from one precomputed set,
-    all in one batch; the engine's own fused kernel hard-codes 3 backends, this takes any number."""
-    owner = tuple(map(id, metadatas))
-    binding = _bindings.get(_key(owner, precomputed, forward_mode, dispatcher))
-    if binding is None or not binding.run(precomputed):
-        _rebind(metadatas, owner, precomputed, forward_mode, dispatcher)
+def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="decode", *,
+                                dispatcher: Dispatcher | None = None) -> None:
+    """Refresh several backends' buffers (one per draft step) from one precomputed set in one launch; the
+    engine's own fused kernel takes three backends and loops over the rest."""
+    _SITE.refresh(metadatas, tuple(map(id, metadatas)), precomputed, forward_mode, dispatcher)
 
 
 # -- examples -------------------------------------------------------------------------------------------------
@@ -267,9 +223,12 @@ def _cu(seqlens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
 
 
+FLASHMLA_SCHEDULER_SHAPE = (132, 8)  # FlashMLA's tile-scheduler metadata: [num_sm_parts, 8] int32
+
+
 def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, page_size: int = 64,
-                 forward_mode="decode", draft_tokens: int = 4, topk: int = NSA_TOPK, flashmla: bool = False,
-                 device="cpu", seed: int = 0) -> tuple[NSAMetadata, PrecomputedMetadata]:
+                 forward_mode="decode", draft_tokens: int = 4, topk: int = TOPK, flashmla: bool = False,
+                 device="cpu", seed: int = 0) -> tuple[DSAMetadata, PrecomputedMetadata]:
     """Realistic metadata buffers (poisoned with random non-zero values) and one step's precomputed values.
 
     ``max_len`` is the longest sequence of the step; ``max_context_len`` the buffers' width (default 2·max_len).
@@ -281,11 +240,9 @@ def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, p
     seqlens = _rand((bs,), "cpu", g, 1, max_len + 1)
     seqlens[int(torch.randint(0, bs, (1,), generator=g))] = max_len  # the step's longest sequence
     if mode == "decode":
-        qo = torch.ones(bs, dtype=torch.int32)
-        kv = seqlens
+        qo, kv = torch.ones(bs, dtype=torch.int32), seqlens
     elif mode == "target_verify":
-        qo = torch.full((bs,), draft_tokens, dtype=torch.int32)
-        kv = seqlens + draft_tokens
+        qo, kv = torch.full((bs,), draft_tokens, dtype=torch.int32), seqlens + draft_tokens
     else:
         qo = _rand((bs,), "cpu", g, 1, draft_tokens + 1)
         kv = torch.maximum(seqlens, qo)
@@ -294,91 +251,250 @@ def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, p
     page_indices = torch.repeat_interleave(rows_per_req, qo.long(), dim=0) if mode != "decode" else rows_per_req
     expanded = kv if mode == "decode" else torch.cat(
         [torch.arange(k - q + 1, k + 1, dtype=torch.int32) for q, k in zip(qo.tolist(), kv.tolist())])
-    nsa = expanded.clamp(max=topk)
-    real = None
-    if page_size > 1:
-        real = (page_indices[:, ::page_size] // page_size).contiguous()
+    clamped = expanded.clamp(max=topk)
+    real = (page_indices[:, ::page_size] // page_size).contiguous() if page_size > 1 else None
     size = expanded.numel()
-    flash = _rand((size + 1, 8), "cpu", g) if flashmla else None
+    flash = FlashMLAMetadata(_rand(FLASHMLA_SCHEDULER_SHAPE, device, g), _rand((size + 1,), device, g)) \
+        if flashmla else None
     pre = PrecomputedMetadata(
-        cache_seqlens=kv.to(device), cu_seqlens_k=_cu(kv).to(device), page_indices=page_indices.to(device),
+        cache_seqlens=kv.to(device), cu_seqlens_k=_cu(kv).to(device),
+        req_pool_indices=torch.arange(bs, dtype=torch.int64, device=device), page_indices=page_indices.to(device),
         real_page_table=None if real is None else real.to(device), seqlens_expanded=expanded.to(device),
-        nsa_cache_seqlens=nsa.to(device), nsa_cu_seqlens_k=_cu(nsa).to(device), seqlens_expanded_size=size,
-        max_len=max_len if mode == "decode" else -1, max_seqlen_k=cols, flashmla_metadata=None if flash is None
-        else flash.to(device))
+        dsa_cache_seqlens=clamped.to(device), dsa_cu_seqlens_k=_cu(clamped).to(device), seqlens_expanded_size=size,
+        max_len=max_len if mode == "decode" else -1, max_seqlen_k=cols, flashmla_metadata=flash)
     max_tokens = n_max + 7  # graph buffers are views of larger [max_num_tokens, ...] allocations
-    md = NSAMetadata(
+    page_table_1 = _rand((max_tokens, width), device, g)[:n_max]
+    md = DSAMetadata(
         cache_seqlens_int32=_rand((max_tokens,), device, g)[:bs],
         cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:bs + 1],
-        page_table_1=_rand((max_tokens, width), device, g)[:n_max],
-        nsa_cache_seqlens_int32=_rand((max_tokens,), device, g)[:n_max],
-        nsa_cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:n_max + 1],
-        nsa_seqlens_expanded=_rand((max_tokens,), device, g)[:n_max],
+        page_table_1=page_table_1,
         real_page_table=_rand((max_tokens, math.ceil(width / page_size)), device, g)[:n_max] if page_size > 1
-        else None,
-        flashmla_metadata=_rand((max_tokens + 1, 8), device, g)[:n_max + 1] if flashmla else None)
+        else page_table_1,
+        dsa_cache_seqlens_int32=_rand((max_tokens,), device, g)[:n_max],
+        dsa_cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:n_max + 1],
+        dsa_seqlens_expanded=_rand((max_tokens,), device, g)[:n_max],
+        flashmla_metadata=FlashMLAMetadata(_rand(FLASHMLA_SCHEDULER_SHAPE, device, g),
+                                           _rand((max_tokens + 1,), device, g)[:n_max + 1]) if flashmla else None)
     return md, pre
 
 
-# -- the engine hook ------------------------------------------------------------------------------------------
-REPLAY_METHOD = "init_forward_metadata_replay_cuda_graph_from_precomputed"
-ENGINE_BACKENDS = ("sglang.srt.layers.attention.nsa_backend:NativeSparseAttnBackend",
-                   "sglang.srt.layers.attention.dsa.dsa_backend:NativeSparseAttnBackend")
+# -- the engine seams -----------------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Per-process counters: refreshes copytune served (``batched``: covered by an earlier launch of the same
+    multi-backend step), and refreshes handed to the engine's own code, by reason."""
+
+    served: int = 0
+    batched: int = 0
+    handed: Counter = field(default_factory=Counter)
+
+    def line(self) -> str:
+        handed = ", ".join(f"{n} {why}" for why, n in self.handed.most_common()) or "none"
+        return f"copytune: {self.served} refreshes served, {self.batched} batched, handed to the engine: {handed}"
 
 
-def install(backend_cls: type | None = None) -> bool:
-    """Route ``backend_cls.init_forward_metadata_replay_cuda_graph_from_precomputed`` through
-    ``batched_copy_metadata``. Without an argument, patches the serving engine's NSA backend if it is installed;
-    returns False (with a warning saying why) when there is nothing to patch. Idempotent.
+STATS = Stats()
 
-    Calls the patch does not understand (extra arguments, a FlashMLA metadata object that is not a tensor) go to
-    the original method unchanged.
-    """
-    if backend_cls is None:
-        backend_cls = _engine_backend()
-        if backend_cls is None:
-            warnings.warn("copytune.nsa.install: the serving engine's NSA backend is not installed; nothing patched",
-                          RuntimeWarning, stacklevel=2)
-            return False
-    original = getattr(backend_cls, REPLAY_METHOD, None)
-    if original is None:
-        warnings.warn(f"copytune.nsa.install: {backend_cls.__name__} has no {REPLAY_METHOD}; nothing patched",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    if getattr(original, "__copytune__", False):
+
+def stats() -> Stats:
+    """This process's counters (``stats().line()`` is one log line)."""
+    return STATS
+
+
+class _Step:
+    """One multi-step replay in flight: its backends, and which metadata one launch already refreshed."""
+
+    __slots__ = ("backends", "done", "source")
+
+    def __init__(self, backends):
+        self.backends, self.done, self.source = backends, (), None
+
+    def metadatas(self, bs: int) -> list | None:
+        try:
+            return [b.decode_cuda_graph_metadata[bs] for b in self.backends]
+        except (AttributeError, KeyError, TypeError):
+            return None
+
+    def mark(self, source_tensor, metadatas) -> None:
+        self.source, self.done = source_tensor, tuple(map(id, metadatas))
+
+
+_step: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("copytune_dsa_step", default=None)
+
+
+def _hand(reason: str, exc: BaseException | None = None) -> None:
+    if not STATS.handed[reason]:
+        log.warning("copytune: handing %s to the engine's own copies (%s)", "refreshes" if exc is None else
+                    f"a refresh ({type(exc).__name__}: {exc})", reason)
+    STATS.handed[reason] += 1
+
+
+def _serve(metadata, bs, precomputed, forward_mode) -> bool:
+    """The seam's work: refresh ``metadata`` (with every draft backend of a multi-step replay in flight, in one
+    launch); False when it must go to the engine instead (nothing of it was launched)."""
+    step = _step.get()
+    if step is not None and step.source is precomputed.cache_seqlens and id(metadata) in step.done:
+        STATS.batched += 1
         return True
-
-    def replay(self, bs, precomputed, forward_mode, *args, **kwargs):
-        flash = getattr(precomputed, "flashmla_metadata", None)
-        if args or kwargs or (flash is not None and not isinstance(flash, torch.Tensor)):
-            return original(self, bs, precomputed, forward_mode, *args, **kwargs)
-        if hasattr(self, "set_nsa_prefill_impl"):
-            self.set_nsa_prefill_impl(forward_batch=None)
-        metadata = self.decode_cuda_graph_metadata[bs]
-        batched_copy_metadata(metadata, precomputed, forward_mode)
-        self.forward_metadata = metadata
-
-    replay.__copytune__ = True
-    replay.__wrapped__ = original
-    replay.__doc__ = original.__doc__
-    setattr(backend_cls, REPLAY_METHOD, replay)
+    try:
+        targets = step.metadatas(bs) if step is not None else None
+        if targets is not None and any(t is metadata for t in targets) and len(targets) > 1:
+            batched_copy_metadata_multi(targets, precomputed, forward_mode)
+            step.mark(precomputed.cache_seqlens, targets)
+        else:
+            batched_copy_metadata(metadata, precomputed, forward_mode)
+    except Exception as exc:  # noqa: BLE001 - the engine's own code takes what copytune cannot
+        _hand(str(exc).split("\n")[0] if isinstance(exc, Unsupported) else type(exc).__name__, exc)
+        return False
+    if not STATS.served:
+        log.info("copytune: first metadata refresh served (%s, %s)", type(metadata).__name__,
+                 forward_mode_name(forward_mode))
+    STATS.served += 1
     return True
 
 
-def uninstall(backend_cls: type) -> None:
-    """Undo ``install`` on ``backend_cls``."""
-    method = getattr(backend_cls, REPLAY_METHOD, None)
-    if getattr(method, "__copytune__", False):
-        setattr(backend_cls, REPLAY_METHOD, method.__wrapped__)
+def _patch_seam(cls, original):
+    """0.5.16+: ``_copy_base_replay_buffers`` is the copies alone."""
+    def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode, *args, **kwargs):
+        if args or kwargs or not _serve(metadata, bs, precomputed, forward_mode):
+            return original(self, bs, metadata, precomputed, forward_mode, *args, **kwargs)
+        return None
+    return _copy_base_replay_buffers
 
 
-def _engine_backend() -> type | None:
-    import importlib  # noqa: PLC0415
+def _patch_replay(cls, original):
+    """0.5.10: the replay method is the prefill-impl reset, the copies and ``forward_metadata``; the copies are
+    replaced in place, the rest kept in the engine's order."""
+    def init_forward_metadata_replay_cuda_graph_from_precomputed(self, bs, precomputed, forward_mode, *args,
+                                                                 **kwargs):
+        reset = getattr(self, "set_nsa_prefill_impl", None)
+        if args or kwargs or reset is None:
+            _hand("unknown replay signature")
+            return original(self, bs, precomputed, forward_mode, *args, **kwargs)
+        reset(forward_batch=None)
+        metadata = self.decode_cuda_graph_metadata[bs]
+        if not _serve(metadata, bs, precomputed, forward_mode):
+            return original(self, bs, precomputed, forward_mode)
+        self.forward_metadata = metadata
+        return None
+    return init_forward_metadata_replay_cuda_graph_from_precomputed
 
-    for path in ENGINE_BACKENDS:
-        module, _, name = path.partition(":")
+
+def _patch_multistep(cls, original):
+    """Brackets the multi-step replay: the first copy seam reached inside it refreshes every draft backend."""
+    def bracket(self, *args, **kwargs):
+        if _step.get() is not None:
+            return original(self, *args, **kwargs)
+        token = _step.set(_Step(getattr(self, "attn_backends", ())))
         try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
+            return original(self, *args, **kwargs)
+        finally:
+            _step.reset(token)
+    return bracket
+
+
+def _patch_multi_kernel(_module, original):
+    """The engine's 3-backend kernel: inside a multi-step replay, every draft backend in one launch."""
+    def fused_metadata_copy_multi_cuda(*args, **kwargs):
+        step = _step.get()
+        targets = step.metadatas(args[MULTI_ARGS - 3]) if step is not None and len(args) == MULTI_ARGS and \
+            not kwargs else None
+        if targets is None or len(targets) < 3 or any(
+                args[8 + 8 * k] is not targets[k].cache_seqlens_int32 for k in range(3)):
+            _hand("multi-backend kernel called outside a multi-step replay")
+            return original(*args, **kwargs)
+        try:
+            _MULTI_SITE.refresh(targets, tuple(map(id, targets)), args, "decode")
+        except Exception as exc:  # noqa: BLE001
+            _hand(str(exc).split("\n")[0] if isinstance(exc, Unsupported) else type(exc).__name__, exc)
+            return original(*args, **kwargs)
+        step.mark(args[0], targets)
+        STATS.served += 1
+        return None
+    return fused_metadata_copy_multi_cuda
+
+
+REPLAY_METHOD = "init_forward_metadata_replay_cuda_graph_from_precomputed"
+SEAM_METHOD = "_copy_base_replay_buffers"
+MULTISTEP_METHODS = ("init_forward_metadata_out_graph", "init_forward_metadata_replay_cuda_graph")
+# (module, backend class, multi-step class, module of the multi-backend kernel): newest layout first
+ENGINE_LAYOUTS = (
+    ("sglang.srt.layers.attention.dsa_backend", "DeepseekSparseAttnBackend", "DeepseekSparseAttnMultiStepBackend",
+     "sglang.kernels.ops.attention.dsa.fused_metadata_copy"),
+    ("sglang.srt.layers.attention.nsa_backend", "NativeSparseAttnBackend", "NativeSparseAttnMultiStepBackend",
+     "sglang.jit_kernel.fused_metadata_copy"),
+)
+MULTI_KERNEL = "fused_metadata_copy_multi_cuda"
+_installed: dict[tuple[object, str], object] = {}  # (owner, name) -> the original
+
+
+def _set(owner, name: str, make) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "__copytune__", False):
+        return
+    patched = make(owner, original)
+    patched.__copytune__, patched.__wrapped__ = True, original
+    patched.__doc__ = original.__doc__
+    setattr(owner, name, patched)
+    _installed[(owner, name)] = original
+
+
+def install(backend_cls: type | None = None, multistep_cls: type | None = None) -> bool:
+    """Route the engine's metadata copies through copytune; True if anything is patched. Idempotent.
+
+    Without arguments: the installed engine's backend (DSA, else NSA), its multi-step backend and its
+    multi-backend kernel. With classes: those (a backend class with ``_copy_base_replay_buffers``, or with the
+    older all-copies replay method; a multi-step class). Logs one line naming what it patched.
+    """
+    kernel = None
+    if backend_cls is None and multistep_cls is None:
+        found = _engine_classes()
+        if found is None:
+            log.warning("copytune.nsa.install: sglang's DSA/NSA backend is not importable; nothing patched")
+            return False
+        backend_cls, multistep_cls, kernel = found
+    if backend_cls is not None:
+        if hasattr(backend_cls, SEAM_METHOD):
+            _set(backend_cls, SEAM_METHOD, _patch_seam)
+        elif hasattr(backend_cls, REPLAY_METHOD):
+            _set(backend_cls, REPLAY_METHOD, _patch_replay)
+        else:
+            log.warning("copytune.nsa.install: %s has neither %s nor %s; not patched", backend_cls.__name__,
+                        SEAM_METHOD, REPLAY_METHOD)
+    if multistep_cls is not None:
+        name = next((m for m in MULTISTEP_METHODS if hasattr(multistep_cls, m)), None)
+        if name is not None:
+            _set(multistep_cls, name, _patch_multistep)
+    if kernel is not None and hasattr(kernel, MULTI_KERNEL):
+        _set(kernel, MULTI_KERNEL, _patch_multi_kernel)
+    if _installed:
+        log.info("copytune: serving the engine's metadata copies; patched %s", ", ".join(installed()))
+    return bool(_installed)
+
+
+def installed() -> list[str]:
+    """What ``install`` patched, as ``module.Class.method`` (or ``module.function``) names."""
+    return [f"{o.__module__}.{o.__qualname__}.{n}" if isinstance(o, type) else f"{o.__name__}.{n}"
+            for o, n in _installed]
+
+
+def uninstall(backend_cls: type | None = None) -> None:
+    """Undo ``install`` (on ``backend_cls`` only, if given)."""
+    for (owner, name), original in list(_installed.items()):
+        if backend_cls is None or owner is backend_cls:
+            setattr(owner, name, original)
+            del _installed[(owner, name)]
+
+
+def _engine_classes():
+    for module, backend, multistep, kernel in ENGINE_LAYOUTS:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
             continue
+        try:
+            kernel_module = importlib.import_module(kernel)
+        except Exception:  # noqa: BLE001 - no JIT toolchain: the engine falls back to its loop, our seam serves it
+            kernel_module = None
+        return getattr(mod, backend, None), getattr(mod, multistep, None), kernel_module
     return None

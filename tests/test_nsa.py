@@ -6,28 +6,51 @@ import pytest
 import torch
 
 from copytune import Dispatcher, get_strategy, nsa
-from copytune.nsa import NSAMetadata, batched_copy_metadata, batched_copy_metadata_multi, make_example
+from copytune import callsite
+from copytune.nsa import DSAMetadata, FlashMLAMetadata, batched_copy_metadata, batched_copy_metadata_multi, make_example
 
 
-def clone(md: NSAMetadata) -> NSAMetadata:
-    """The same views over cloned base buffers (guard bands included)."""
+def _views(md) -> dict:
+    """Every tensor of a metadata object by name (FlashMLA's pair included)."""
+    out = {}
+    for f in md.__dataclass_fields__:
+        v = getattr(md, f)
+        if isinstance(v, torch.Tensor):
+            out[f] = v
+        elif isinstance(v, FlashMLAMetadata):
+            out[f + ".flashmla_metadata"], out[f + ".num_splits"] = v.flashmla_metadata, v.num_splits
+    return out
+
+
+def _base(t):
+    return t._base if t._base is not None else t
+
+
+def clone(md: DSAMetadata) -> DSAMetadata:
+    """The same views over cloned base buffers (guard bands included; shared buffers stay shared)."""
+    copies = {}
+
     def c(t):
         if t is None:
             return None
-        base = t._base if t._base is not None else t
-        copy = base.clone()
+        if isinstance(t, FlashMLAMetadata):
+            return FlashMLAMetadata(c(t.flashmla_metadata), c(t.num_splits))
+        base = _base(t)
+        copy = copies.setdefault(id(base), base.clone())
         return torch.as_strided(copy, t.shape, t.stride(), t.storage_offset())
-    return NSAMetadata(**{f: c(getattr(md, f)) for f in md.__dataclass_fields__})
+    return DSAMetadata(**{f: c(getattr(md, f)) for f in md.__dataclass_fields__})
 
 
-def assert_same(got: NSAMetadata, want: NSAMetadata):
-    for f in got.__dataclass_fields__:
-        g, w = getattr(got, f), getattr(want, f)
-        if g is None:
-            assert w is None
-            continue
-        gb, wb = (g._base if g._base is not None else g), (w._base if w._base is not None else w)
-        assert torch.equal(gb, wb), f"{f} differs"
+def assert_same(got: DSAMetadata, want: DSAMetadata):
+    g, w = _views(got), _views(want)
+    assert g.keys() == w.keys()
+    for f in g:
+        assert torch.equal(_base(g[f]), _base(w[f])), f"{f} differs"
+
+
+def poison(md: DSAMetadata) -> None:
+    for t in _views(md).values():
+        _base(t).random_(1, 1 << 30)
 
 
 def sync(device):
@@ -88,7 +111,7 @@ def test_copy_pairs_follow_the_engine_layout():
 def test_example_contents_are_realistic():
     md, pre = make_example(8, 300, forward_mode="target_verify", draft_tokens=3)
     assert pre.page_indices.shape == (24, pre.max_seqlen_k) and pre.seqlens_expanded_size == 24
-    assert int(pre.cache_seqlens.max()) == 303 and (pre.nsa_cache_seqlens <= nsa.NSA_TOPK).all()
+    assert int(pre.cache_seqlens.max()) == 303 and (pre.dsa_cache_seqlens <= nsa.TOPK).all()
     assert torch.equal(pre.cu_seqlens_k[1:], pre.cache_seqlens.cumsum(0).int())
     assert (md.page_table_1 != 0).all()  # poisoned, not zeros
 
@@ -126,17 +149,14 @@ def test_alternating_modes_keep_their_bindings(tmp_path, device, monkeypatch):
     """Speculative decoding alternates target-verify and draft-extend on the same buffers: each structure binds
     once, then every step is a lookup."""
     built = []
-    monkeypatch.setattr(nsa, "_Binding", lambda *a, _B=nsa._Binding: built.append(1) or _B(*a))
+    monkeypatch.setattr(callsite, "_Binding", lambda *a, _B=callsite._Binding: built.append(1) or _B(*a))
     d = Dispatcher(tmp_path / "c.db", tune=False)
     md, _ = make_example(3, 20, 128, forward_mode="target_verify", device=device)
     for step in range(6):
         mode = ("target_verify", "draft_extend")[step % 2]
         # one structure per mode (same seed: same draft lengths and columns); fresh destination bytes each step
         _, pre = make_example(3, 20, 128, forward_mode=mode, device=device, seed=step % 2)
-        for f in md.__dataclass_fields__:
-            t = getattr(md, f)
-            if t is not None:
-                t._base.random_(1, 1 << 30)
+        poison(md)
         want = clone(md)
         nsa.reference_copy(want, pre, mode)
         batched_copy_metadata(md, pre, mode, dispatcher=d)
@@ -149,7 +169,7 @@ def test_torch_winner_follows_growing_page_tables_without_rebinding(tmp_path, de
     """A torch strategy cannot resize its views: steps with a new width run the engine's own copies, exactly,
     instead of validating and binding anew every decode step."""
     built = []
-    monkeypatch.setattr(nsa, "_Binding", lambda *a, _B=nsa._Binding: built.append(1) or _B(*a))
+    monkeypatch.setattr(callsite, "_Binding", lambda *a, _B=callsite._Binding: built.append(1) or _B(*a))
     d = Dispatcher(tmp_path / "c.db", tune=False, strategy="torch_foreach")
     md, _ = make_example(3, 40, 256, device=device)
     for step in range(5):
@@ -203,16 +223,15 @@ def test_hook_routes_the_replay_through_copytune(device):
     assert not getattr(StandInBackend.init_forward_metadata_replay_cuda_graph_from_precomputed, "__copytune__", 0)
 
 
-def test_install_without_the_engine_is_a_clear_noop():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_install_without_the_engine_is_a_clear_noop(caplog):
+    with caplog.at_level("WARNING", logger="copytune"):
         assert nsa.install() is False
-    assert any("not installed; nothing patched" in str(w.message) for w in caught)
+    assert "not importable; nothing patched" in caplog.text
 
 
 def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device):
     """An engine object with __slots__ cannot be weakly referenced: its binding must keep it alive instead."""
-    fields = tuple(NSAMetadata.__dataclass_fields__)
+    fields = tuple(DSAMetadata.__dataclass_fields__)
     Slotted = type("SlottedMetadata", (), {"__slots__": fields})
     md, pre = make_example(4, 30, 64, device=device)
     obj = Slotted()
@@ -223,4 +242,4 @@ def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device
     batched_copy_metadata(obj, pre, dispatcher=Dispatcher(tmp_path / "c.db", tune=False))
     sync(device)
     assert_same(md, want)
-    assert nsa._pinned[id(obj)] == [obj]
+    assert nsa._SITE._pinned[id(obj)] == [obj]

@@ -83,21 +83,32 @@ class BoundBatch {
     return launch();
   }
 
-  // The sources are attributes of one Python object (an NSA PrecomputedMetadata), one name per copy: the names
-  // are interned here once, so a step is one call that reads them with PyObject_GetAttr - no attrgetter tuple,
-  // no std::vector<at::Tensor> with its refcounts (on an H100 host those cost ~1.4 us of a ~7.8 us refresh).
-  std::string set_source_attrs(const std::vector<std::string>& names) {
-    if (names.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " names";
-    attrs_.clear();
-    for (const std::string& n : names) {
-      PyObject* name = PyUnicode_InternFromString(n.c_str());
-      if (name == nullptr) {
-        PyErr_Clear();
-        attrs_.clear();
-        return "cuda_ext: bad attribute name";
+  // The sources are attributes of one Python object (an engine's PrecomputedMetadata), one dotted path per copy
+  // ("cache_seqlens", "flashmla_metadata.num_splits"): the names are interned here once, so a step is one call
+  // that reads them with PyObject_GetAttr - no attrgetter tuple, no std::vector<at::Tensor> with its refcounts
+  // (on an H100 host those cost ~1.4 us of a ~7.8 us refresh).
+  std::string set_source_attrs(const std::vector<std::string>& paths) {
+    if (paths.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " names";
+    std::vector<std::vector<pybind11::object>> interned;
+    for (const std::string& path : paths) {
+      std::vector<pybind11::object> parts;
+      size_t start = 0;
+      while (true) {
+        const size_t dot = path.find('.', start);
+        const std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+        PyObject* name = part.empty() ? nullptr : PyUnicode_InternFromString(part.c_str());
+        if (name == nullptr) {
+          PyErr_Clear();
+          return "cuda_ext: bad attribute path '" + path + "'";
+        }
+        parts.push_back(pybind11::reinterpret_steal<pybind11::object>(name));
+        if (dot == std::string::npos) break;
+        start = dot + 1;
       }
-      attrs_.push_back(pybind11::reinterpret_steal<pybind11::object>(name));
+      interned.push_back(std::move(parts));
     }
+    attrs_ = std::move(interned);
+    paths_ = paths;
     return "";
   }
 
@@ -105,14 +116,18 @@ class BoundBatch {
     if (attrs_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
     try {
       for (size_t i = 0; i < raw_.size(); ++i) {
-        PyObject* t = PyObject_GetAttr(obj.ptr(), attrs_[i].ptr());  // new reference
-        if (t == nullptr) {
-          PyErr_Clear();
-          return "cuda_ext: the sources have no attribute " + pybind11::str(attrs_[i]).cast<std::string>();
+        // each reference is owned by a pybind11::object, so every return path releases it
+        pybind11::object t = pybind11::reinterpret_borrow<pybind11::object>(obj);
+        for (const pybind11::object& name : attrs_[i]) {
+          PyObject* next = PyObject_GetAttr(t.ptr(), name.ptr());  // new reference
+          if (next == nullptr) {
+            PyErr_Clear();
+            return "cuda_ext: the sources have no attribute " + paths_[i];
+          }
+          t = pybind11::reinterpret_steal<pybind11::object>(next);
         }
-        std::string err = THPVariable_Check(t) ? take_source(i, THPVariable_Unpack(t))
-                                               : "cuda_ext: source " + std::to_string(i) + " is not a tensor";
-        Py_DECREF(t);  // the object still holds the tensor; only its address and shape were read
+        if (!THPVariable_Check(t.ptr())) return "cuda_ext: source " + std::to_string(i) + " is not a tensor";
+        std::string err = take_source(i, THPVariable_Unpack(t.ptr()));  // the object keeps the tensor alive
         if (!err.empty()) return err;
       }
     } catch (const std::exception& e) {
@@ -182,7 +197,8 @@ class BoundBatch {
     int64_t max_row_bytes, itemsize;  // itemsize 0: the copy keeps its bound shape
   };
   std::vector<Follow> follow_;
-  std::vector<pybind11::object> attrs_;  // interned attribute names (run_attrs)
+  std::vector<std::vector<pybind11::object>> attrs_;  // interned attribute paths, one per copy (run_attrs)
+  std::vector<std::string> paths_;                     // the same paths as given, for error messages
   std::vector<Params> params_;
   std::vector<int64_t> tiles_;
 };

@@ -1,0 +1,182 @@
+"""Call-site bindings: an engine's copy list over the engine's own objects, bound once per structure, relaunched
+every step by reading the step's sources off the object the engine hands over (no slice views, no adapter object).
+
+An integration supplies data: a copy list — for given destination objects and one step's source object, the
+(source view, where its base tensor lives on the source object, destination view) triples in the engine's order —
+and the structure a binding depends on besides the buffers (sizes, optional parts present). This module holds the
+machinery any engine reuses: the binding table by (owner, mode, structure, dispatcher), rebinding when the
+structure changes, page tables whose widths follow each step's sources, and sources read in C++ where the strategy
+can (``cuda_ext``: one C++ call per step).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from copytune.dispatch import Dispatcher, default_dispatcher
+
+BINDINGS_PER_OWNER = 64  # bound structures kept per set of destination objects (oldest dropped first)
+
+
+class Copy(NamedTuple):
+    """One ``dst.copy_(src)`` of a call site."""
+
+    src: torch.Tensor  # this step's source view
+    path: str | int  # where the source's base tensor is on the step's source object: "a.b" attributes, or an index
+    dst: torch.Tensor  # the destination view
+    follows: bool = False  # 2-D, its columns change from step to step (a page table): followed, not keyed
+
+
+CopyList = Callable[[Sequence[object], object, object], list[Copy]]  # (destination objects, source, mode) -> copies
+
+
+class Unsupported(ValueError):
+    """The call site cannot take this step; the caller hands it to the engine's own code."""
+
+
+class _Binding:
+    """A bound refresh for one structure. Page tables' column counts change every decode step (the longest sequence
+    grows), so they are followed in place instead of being part of the key."""
+
+    __slots__ = ("bound", "copies", "from_object", "get_sources", "launch", "shapes", "widths")
+
+    def __init__(self, copies: list[Copy], source, dispatcher: Dispatcher):
+        self.copies = copies
+        paths = [c.path for c in copies]
+        self.bound = dispatcher.bind([(c.src, c.dst) for c in copies], checked=False,
+                                     bases=[_get(source, p) for p in paths])
+        # copies whose columns follow the step's longest sequence: index -> (path, widest the buffer takes)
+        self.widths = {i: (c.path, _base_width(c.dst)) for i, c in enumerate(copies) if c.follows}
+        self.shapes = {i: copies[i].src.shape for i in self.widths}
+        getters = [operator.itemgetter(p) if isinstance(p, int) else operator.attrgetter(p) for p in paths]
+        self.get_sources = lambda src, gs=getters: [g(src) for g in gs]
+        # where the kernel reads the page tables' widths from the sources itself, a step is one C++ call
+        if all(self.bound.follow_source_shape(i, width * copies[i].src.element_size())
+               for i, (_, width) in self.widths.items()):
+            self.widths = {}
+        self.launch = self.bound.sources_launcher()
+        by_name = all(isinstance(p, str) for p in paths)
+        self.from_object = self.bound.attribute_launcher(paths) if by_name and not self.widths else None
+
+    def run(self, source) -> bool:
+        """Launch for ``source``; False when a page table's shape changed and could not be followed in place
+        (a torch winner's views are fixed): the caller then runs the copies itself, never a rebind per step."""
+        if not self.widths:
+            err = self.from_object(source) if self.from_object is not None else self.launch(self.get_sources(source))
+            if err:
+                raise launch_error(err)
+            return True
+        for i, (path, width) in self.widths.items():
+            src = _get(source, path)
+            if src.shape != self.shapes[i]:
+                rows, cols = src.shape
+                if cols > width:
+                    raise ValueError(f"{path} has {cols} columns; the metadata buffer holds {width}")
+                if rows != self.shapes[i][0]:
+                    raise ValueError(f"{path} has {rows} rows; this structure copies {self.shapes[i][0]}")
+                size = src.element_size()
+                if not self.bound.resize_copy(i, rows, cols * size, src.stride(0) * size):
+                    return False
+                self.shapes[i] = src.shape
+        err = self.launch(self.get_sources(source))
+        if err:
+            raise launch_error(err)
+        return True
+
+
+def launch_error(err: str) -> Exception:
+    """The kernel refused a step before launching: a source of the wrong rows or too many columns is the caller's
+    input (ValueError); anything else is the launch's (RuntimeError)."""
+    return (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
+
+
+def _get(source, path):
+    return source[path] if isinstance(path, int) else operator.attrgetter(path)(source)
+
+
+def _base_width(dst_view: torch.Tensor) -> int:
+    """Columns available to a ``buffer[:rows, :cols]`` destination: the buffer's row stride."""
+    return dst_view.stride(0) if dst_view.dim() == 2 else dst_view.numel()
+
+
+class CallSite:
+    """The bindings of one call site. ``copies`` builds the copy list (cold path only); ``structure(source)``
+    returns what, besides the destination objects and the page tables' widths, the copy list depends on (sizes,
+    optional parts present): it is part of every lookup, so keep it a few attribute reads."""
+
+    def __init__(self, name: str, copies: CopyList, structure: Callable[[object], tuple]):
+        self.name, self.copies, self.structure = name, copies, structure
+        self.bindings: dict[tuple, _Binding] = {}
+        self._owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
+        self._pinned: dict[object, list] = {}  # destination objects that cannot be weakly referenced, kept alive
+        self.refused: dict[tuple, str] = {}  # structures the copy list refused (Unsupported): not rebuilt each step
+
+    def refresh(self, targets: Sequence[object], owner, source, mode, dispatcher: Dispatcher | None = None) -> None:
+        """Copy ``source`` into every object of ``targets`` as the copy list says, in one tuned launch.
+
+        ``owner`` identifies ``targets`` (``id`` of the object, or a tuple of ids); ``mode`` is passed to the copy
+        list as given and keyed as given. The first call per structure validates and binds (tuning if the
+        signature is new); a ValueError from validation means nothing was launched.
+        """
+        binding = self.bindings.get((owner, mode, self.structure(source), dispatcher))
+        if binding is not None and binding.from_object is not None:  # the whole step is one C++ call
+            err = binding.from_object(source)
+            if err:
+                raise launch_error(err)
+        elif binding is None or not binding.run(source):
+            self._rebind(targets, owner, source, mode, dispatcher)
+
+    def run_copies(self, targets: Sequence[object], source, mode) -> None:
+        """The call site's copies one ``copy_`` at a time: the engine's own semantics, for steps a binding cannot
+        take (a torch winner facing a new page-table width)."""
+        for c in self.copies(targets, source, mode):
+            c.dst.copy_(c.src)
+
+    def _rebind(self, targets, owner, source, mode, dispatcher: Dispatcher | None) -> None:
+        key = (owner, mode, self.structure(source), dispatcher)
+        entry = self.bindings.get(key)
+        if entry is not None:  # its page tables changed shape and a torch winner cannot follow
+            self.run_copies(targets, source, mode)
+            return
+        if key in self.refused:
+            raise Unsupported(self.refused[key])
+        keys = self._own(targets, owner)
+        try:
+            copies = self.copies(targets, source, mode)
+        except Unsupported as exc:
+            self.refused[key] = str(exc)
+            keys.append(key)
+            raise
+        entry = _Binding(copies, source, dispatcher or default_dispatcher("eager"))
+        if len(keys) >= BINDINGS_PER_OWNER:
+            old = keys.pop(0)
+            self.bindings.pop(old, None)
+            self.refused.pop(old, None)
+        self.bindings[key] = entry
+        keys.append(key)
+        if not entry.run(source):
+            raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")
+
+    def _own(self, targets, owner) -> list[tuple]:
+        """``owner``'s keys, oldest first; the first time, arrange for them to go when a target is freed."""
+        keys = self._owned.get(owner)
+        if keys is None:
+            keys = self._owned[owner] = []
+            for t in targets:
+                try:
+                    weakref.finalize(t, self.forget, owner)
+                except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
+                    self._pinned.setdefault(owner, []).append(t)
+        return keys
+
+    def forget(self, owner) -> None:
+        """Drop every binding of ``owner`` (called when one of its destination objects is freed)."""
+        for key in self._owned.pop(owner, ()):
+            self.bindings.pop(key, None)
+            self.refused.pop(key, None)
+        self._pinned.pop(owner, None)
