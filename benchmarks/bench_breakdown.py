@@ -35,7 +35,7 @@ def nsa_rows(bs: int, max_len: int, ref) -> list[tuple[str, float]]:
     md = nsa.make_example(bs, max_len, width, device="cuda", seed=1)[0]
     pres = [nsa.make_example(bs, max_len + k, width, device="cuda", seed=100 + k)[1] for k in range(SETS)]
     nsa.batched_copy_metadata(md, pres[0], dispatcher=d)
-    binding = next(b for k, b in nsa._bindings.items() if k[0] == id(md))
+    binding = nsa._SITE.binding(id(md))
     sources = [binding.get_sources(p) for p in pres]
     batch = binding.bound._launch.batch if hasattr(binding.bound._launch, "batch") else None
     views = [[s for s, _ in nsa.copy_pairs(md, p)] for p in pres]

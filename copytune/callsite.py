@@ -89,6 +89,22 @@ class _Binding:
         return True
 
 
+def _distinct(copies: list[Copy]) -> list[Copy]:
+    """``copies`` without repeats: several destination objects may share a buffer (sglang 0.5.10's draft backends
+    share ``cache_seqlens_int32``), and the same source path into the same view writes the same bytes every step.
+    A copy whose source *is* its destination at bind time is refused: it need not alias on the next step."""
+    seen, out = set(), []
+    for c in copies:
+        geometry = (c.dst.data_ptr(), c.dst.shape, c.dst.stride(), c.dst.dtype)
+        if (c.src.data_ptr(), c.src.shape, c.src.stride(), c.src.dtype) == geometry:
+            raise Unsupported(f"the source at {c.path!r} is its own destination")
+        key = (c.path, c.src.data_ptr(), c.src.shape, c.src.stride(), *geometry)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def launch_error(err: str) -> Exception:
     """The kernel refused a step before launching: a source of the wrong rows or too many columns is the caller's
     input (ValueError); anything else is the launch's (RuntimeError)."""
@@ -131,6 +147,11 @@ class CallSite:
         elif binding is None or not binding.run(source):
             self._rebind(targets, owner, source, mode, dispatcher)
 
+    def binding(self, owner):
+        """``owner``'s most recent binding (benchmarks, diagnostics), or None."""
+        keys = [k for k in self._owned.get(owner, ()) if k in self.bindings]
+        return self.bindings[keys[-1]] if keys else None
+
     def run_copies(self, targets: Sequence[object], source, mode) -> None:
         """The call site's copies one ``copy_`` at a time: the engine's own semantics, for steps a binding cannot
         take (a torch winner facing a new page-table width)."""
@@ -147,7 +168,7 @@ class CallSite:
             raise Unsupported(self.refused[key])
         keys = self._own(targets, owner)
         try:
-            copies = self.copies(targets, source, mode)
+            copies = _distinct(self.copies(targets, source, mode))
         except Unsupported as exc:
             self.refused[key] = str(exc)
             keys.append(key)

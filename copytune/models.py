@@ -51,7 +51,7 @@ def _nsa_call_site(bs: int, max_len: int, forward_mode: str, device: torch.devic
     md = nsa.make_example(bs, max_len, width, forward_mode=forward_mode, device=device, seed=1)[0]
     inputs = [nsa.make_example(bs, max_len + k, width, forward_mode=forward_mode, device=device, seed=100)[1]
               for k in range(steps)]
-    views = [getattr(md, f) for f in md.__dataclass_fields__ if getattr(md, f) is not None]
+    views = [dst for _, dst in nsa.copy_pairs(md, inputs[0], forward_mode)]
     bases = list({id(b): b for b in (v if v._base is None else v._base for v in views)}.values())
 
     def check(fn) -> None:

@@ -439,15 +439,16 @@ def _set(owner, name: str, make) -> None:
     _installed[(owner, name)] = original
 
 
-def install(backend_cls: type | None = None, multistep_cls: type | None = None) -> bool:
+def install(backend_cls: type | None = None, multistep_cls: type | None = None, kernel_module=None) -> bool:
     """Route the engine's metadata copies through copytune; True if anything is patched. Idempotent.
 
     Without arguments: the installed engine's backend (DSA, else NSA), its multi-step backend and its
-    multi-backend kernel. With classes: those (a backend class with ``_copy_base_replay_buffers``, or with the
-    older all-copies replay method; a multi-step class). Logs one line naming what it patched.
+    multi-backend kernel's module. With arguments: those (a backend class with ``_copy_base_replay_buffers``, or
+    with the older all-copies replay method; a multi-step class; the module holding
+    ``fused_metadata_copy_multi_cuda``). Logs one line naming what it patched.
     """
-    kernel = None
-    if backend_cls is None and multistep_cls is None:
+    kernel = kernel_module
+    if backend_cls is None and multistep_cls is None and kernel_module is None:
         found = _engine_classes()
         if found is None:
             log.warning("copytune.nsa.install: sglang's DSA/NSA backend is not importable; nothing patched")
@@ -478,10 +479,10 @@ def installed() -> list[str]:
             for o, n in _installed]
 
 
-def uninstall(backend_cls: type | None = None) -> None:
-    """Undo ``install`` (on ``backend_cls`` only, if given)."""
+def uninstall(owner_to_undo=None) -> None:
+    """Undo ``install`` (on one class or module only, if given)."""
     for (owner, name), original in list(_installed.items()):
-        if backend_cls is None or owner is backend_cls:
+        if owner_to_undo is None or owner is owner_to_undo:
             setattr(owner, name, original)
             del _installed[(owner, name)]
 

@@ -1,12 +1,10 @@
 """NSA metadata refresh: bit-exact with the engine's own .copy_() sequence, every mode, across steps."""
 
-import warnings
 
 import pytest
 import torch
 
-from copytune import Dispatcher, get_strategy, nsa
-from copytune import callsite
+from copytune import Dispatcher, callsite, get_strategy, nsa
 from copytune.nsa import DSAMetadata, FlashMLAMetadata, batched_copy_metadata, batched_copy_metadata_multi, make_example
 
 
@@ -223,7 +221,8 @@ def test_hook_routes_the_replay_through_copytune(device):
     assert not getattr(StandInBackend.init_forward_metadata_replay_cuda_graph_from_precomputed, "__copytune__", 0)
 
 
-def test_install_without_the_engine_is_a_clear_noop(caplog):
+def test_install_without_the_engine_is_a_clear_noop(caplog, monkeypatch):
+    monkeypatch.setattr(nsa, "ENGINE_LAYOUTS", (("copytune_tests.no_such_engine", "B", "M", "K"),))
     with caplog.at_level("WARNING", logger="copytune"):
         assert nsa.install() is False
     assert "not importable; nothing patched" in caplog.text
