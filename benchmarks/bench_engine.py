@@ -66,8 +66,8 @@ def seam_call(engine, backend, bs, md, pre, fm):
 def single_rows(engine, classes, mode, bs, max_len, device, width):
     fm = engine.forward_mode(mode)
     kw = dict(page_size=64, max_context_len=width, device=device)
-    theirs = plain(engine.make_backend([bs], seed=1, **kw), classes[0])
-    ours = engine.make_backend([bs], seed=1, **kw)
+    theirs = plain(engine.make_backend([bs], mode=mode, seed=1, **kw), classes[0])
+    ours = engine.make_backend([bs], mode=mode, seed=1, **kw)
     pres = [engine.make_precomputed(bs, mode, max_len + k, seed=10 + k, **kw) for k in range(SETS)]
     md_t, md_o = theirs.decode_cuda_graph_metadata[bs], ours.decode_cuda_graph_metadata[bs]
     for pre in pres:  # bit-exact first (and binds, tunes, JIT-builds outside the clock)

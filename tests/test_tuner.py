@@ -68,6 +68,26 @@ def test_fastest_exact_candidate_wins_and_baseline_is_recorded(plan):
     assert {t.strategy: t.time_us for t in result.timings} == times
 
 
+def scripted_by_mode(eager, graph):
+    def timer(step, mode, device):
+        LAST.clear()
+        step(0)
+        return (eager if mode == "eager" else graph)[LAST[-1] if LAST else "torch_per_copy"]
+    return timer
+
+
+def test_eager_ties_go_to_the_least_gpu_time(plan):
+    """Wall times within EAGER_TIE are launch noise: the GPU time decides among them, never beyond them."""
+    pool = {"a": Fake("a"), "b": Fake("b"), "c": Fake("c"), "torch_per_copy": get_strategy("torch_per_copy")}
+    eager = {"a": 5.0, "b": 5.2, "c": 6.0, "torch_per_copy": 50.0}
+    graph = {"a": 3.5, "b": 2.3, "c": 1.0, "torch_per_copy": 9.0}
+    result = tune(plan, "eager", pool=pool, timer=scripted_by_mode(eager, graph), gpu_tie_break=True)
+    assert (result.strategy, result.time_us) == ("b", 5.2)
+    gpu = {t.strategy: t.gpu_us for t in result.timings}
+    assert gpu == {"a": 3.5, "b": 2.3, "c": None, "torch_per_copy": None}  # only the close ones are re-timed
+    assert tune(plan, "eager", pool=pool, timer=scripted_by_mode(eager, graph)).strategy == "a"  # CPU: off
+
+
 @pytest.mark.parametrize("fake, reason", [
     (Fake("bad", wrong=True), "wrong bytes in pair"),
     (Fake("bad", raises="bind"), "compile failed"),
