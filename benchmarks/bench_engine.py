@@ -91,7 +91,7 @@ def single_rows(engine, classes, mode, bs, max_len, device, width):
     return out
 
 
-def multi_rows(engine, classes, n, bs, max_len, device, width):
+def multi_rows(engine, classes, n, bs, max_len, device, width, kernel):
     kw = dict(page_size=64, max_context_len=width, device=device)
     theirs = plain(engine.make_multistep(n, [bs], seed=2, **kw), classes[1])
     for b in theirs.attn_backends:
@@ -107,9 +107,41 @@ def multi_rows(engine, classes, n, bs, max_len, device, width):
     steps = {
         "engine replay": lambda i: engine.run_multistep(theirs, bs, pres[i % SETS]),
         "copytune replay": lambda i: engine.run_multistep(ours, bs, pres[i % SETS]),
+        "engine copies": engine_copies(engine, theirs, bs, pres, kernel),
         "copytune copies": lambda i: nsa.batched_copy_metadata_multi(mds, pres[i % SETS]),
     }
     return {"eager": benchmark.interleaved(steps, "eager", device)}
+
+
+def engine_copies(engine, multistep, bs, pres, kernel):
+    """What the engine's multi-step replay spends on copies alone: its 3-backend kernel (called as the engine
+    calls it) for backends 0-2 where it has three or more, and its copy seam for every other backend."""
+    backends = multistep.attn_backends
+    mds = [b.decode_cuda_graph_metadata[bs] for b in backends]
+    fm = engine.forward_mode("decode")
+    multi = getattr(getattr(kernel, nsa.MULTI_KERNEL, None), "__wrapped__", None)
+    fused = multi is not None and len(backends) >= 3
+    p = "dsa" if engine.layout == "dsa" else "nsa"
+
+    def args(pre):
+        fl = pre.flashmla_metadata
+        src = (pre.cache_seqlens, pre.cu_seqlens_k, pre.page_indices, getattr(pre, f"{p}_cache_seqlens"),
+               getattr(pre, f"{p}_cu_seqlens_k"), pre.real_page_table, fl and fl.num_splits,
+               fl and fl.flashmla_metadata)
+        dst = tuple(t for md in mds[:3] for t in (
+            md.cache_seqlens_int32, md.cu_seqlens_k, md.page_table_1, getattr(md, f"{p}_cache_seqlens_int32"),
+            getattr(md, f"{p}_cu_seqlens_k"), md.real_page_table if pre.real_page_table is not None else None,
+            md.flashmla_metadata and md.flashmla_metadata.num_splits,
+            md.flashmla_metadata and md.flashmla_metadata.flashmla_metadata))
+        return (*src, *dst, bs, pre.max_len, pre.seqlens_expanded_size)
+
+    def step(i):
+        pre = pres[i % SETS]
+        if fused:
+            multi(*args(pre))
+        for b, md in zip(backends[3:] if fused else backends, mds[3:] if fused else mds):
+            seam_call(engine, b, bs, md, pre, fm)()
+    return step
 
 
 def main() -> int:
@@ -151,11 +183,12 @@ def main() -> int:
                       f"x{ratio:.3f} | gpu[{gcells}] x{gratio:.3f}", flush=True)
         for n in map(int, args.backends.split(",")):
             for bs in map(int, args.bs.split(",")):
-                r = multi_rows(engine, classes, n, bs, max_len, device, width)
+                r = multi_rows(engine, classes, n, bs, max_len, device, width, kernel)
                 results["multi"].append({"backends": n, "bs": bs, "max_len": max_len, **r})
                 e = r["eager"]
                 print(f"{n} backends max_len={max_len:<5} bs={bs:<4} " + " ".join(f"{k}={v:.2f}" for k, v in e.items())
-                      + f" x{e['copytune replay'] / e['engine replay']:.3f}", flush=True)
+                      + f" replay x{e['copytune replay'] / e['engine replay']:.3f}"
+                        f" copies x{e['copytune copies'] / e['engine copies']:.3f}", flush=True)
     print(f"# {time.perf_counter() - t0:.0f} s; {nsa.stats().line()}")
     if args.json:
         with open(args.json, "w") as f:

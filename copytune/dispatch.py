@@ -259,6 +259,9 @@ class BoundCopy:
         self._offsets = offsets or [0] * len(plan.pairs)
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
+        expect = getattr(launch, "expect_sources", None)
+        if expect is not None:  # the strategy checks each new source itself (C++), checked or not
+            expect(given)
         self._spans = [span_bytes(s) for s, _ in plan.pairs]
         ext = sorted((extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
         self._dst_lo = [lo for (lo, _), _ in ext]

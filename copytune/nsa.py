@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import inspect
 import logging
 import math
 import operator
@@ -156,9 +157,9 @@ def _from_precomputed(metadatas: Sequence, pre, forward_mode) -> list[Copy]:
 
 
 def _precomputed_structure(pre) -> tuple:
-    fm = pre.flashmla_metadata
-    return (pre.seqlens_expanded_size, pre.real_page_table is None,
-            None if fm is None else (fm.num_splits.shape, fm.flashmla_metadata.shape))
+    """What the copy list depends on besides the buffers. Shapes are not keyed: every launch checks each source's
+    geometry against the bound one (C++ for cuda_ext, a rebind otherwise), and the sizes follow from them."""
+    return pre.seqlens_expanded_size, pre.real_page_table is None, pre.flashmla_metadata is None
 
 
 # The engine's multi-backend kernel takes 8 sources, 3 × 8 destinations, then bs, max_len, seqlens_expanded_size.
@@ -178,8 +179,7 @@ def _from_multi_args(metadatas: Sequence, args: tuple, forward_mode) -> list[Cop
 
 
 def _multi_structure(args: tuple) -> tuple:
-    fm = args[7]
-    return args[MULTI_ARGS - 1], args[5] is None, None if fm is None else (args[6].shape, fm.shape)
+    return args[MULTI_ARGS - 1], args[5] is None, args[7] is None
 
 
 _SITE = CallSite("metadata refresh", _from_precomputed, _precomputed_structure)
@@ -353,11 +353,26 @@ def _serve(metadata, bs, precomputed, forward_mode) -> bool:
     return True
 
 
+SEAM_PARAMETERS = ("self", "bs", "metadata", "precomputed", "forward_mode")
+
+
 def _patch_seam(cls, original):
-    """0.5.16+: ``_copy_base_replay_buffers`` is the copies alone."""
-    def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode, *args, **kwargs):
-        if args or kwargs or not _serve(metadata, bs, precomputed, forward_mode):
-            return original(self, bs, metadata, precomputed, forward_mode, *args, **kwargs)
+    """0.5.16+: ``_copy_base_replay_buffers`` is the copies alone. The common call — no multi-step replay in
+    flight, structure bound before — is one lookup and one C++ call; anything else takes ``_serve``."""
+    if tuple(inspect.signature(original).parameters) != SEAM_PARAMETERS:
+        raise Unsupported(f"{cls.__name__}.{SEAM_METHOD}{inspect.signature(original)} is not the known seam")
+    bindings, get_step = _SITE.bindings, _step.get
+
+    def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+        if get_step() is None:  # the key as CallSite.refresh builds it, _precomputed_structure inlined
+            binding = bindings.get((id(metadata), forward_mode, (
+                precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
+                precomputed.flashmla_metadata is None), None))
+            if binding is not None and binding.from_object is not None and not binding.from_object(precomputed):
+                STATS.served += 1
+                return None
+        if not _serve(metadata, bs, precomputed, forward_mode):
+            return original(self, bs, metadata, precomputed, forward_mode)
         return None
     return _copy_base_replay_buffers
 
@@ -432,7 +447,11 @@ def _set(owner, name: str, make) -> None:
     original = getattr(owner, name)
     if getattr(original, "__copytune__", False):
         return
-    patched = make(owner, original)
+    try:
+        patched = make(owner, original)
+    except Unsupported as exc:  # a seam of another shape than this module knows: the engine keeps its own
+        log.warning("copytune.nsa.install: %s; not patched", exc)
+        return
     patched.__copytune__, patched.__wrapped__ = True, original
     patched.__doc__ = original.__doc__
     setattr(owner, name, patched)

@@ -242,3 +242,42 @@ def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device
     sync(device)
     assert_same(md, want)
     assert nsa._SITE._pinned[id(obj)] == [obj]
+
+
+def test_seam_hot_path_is_one_lookup_and_the_key_matches_the_call_site(tmp_path, device, monkeypatch):
+    """The patched seam builds the binding key inline: after the first step binds, later steps of the same
+    structure never reach CallSite.refresh (which would mean the inline key and refresh's key disagree)."""
+    class Backend:
+        def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+            raise AssertionError("the engine's own copies ran")
+
+    monkeypatch.setattr("copytune.dispatch._default", {"eager": Dispatcher(tmp_path / "c.db", tune=False,
+                                                                           strategy="cuda_ext"
+                                                                           if device.type == "cuda" else None)})
+    md, _ = make_example(4, 40, 256, device=device)
+    assert nsa.install(Backend)
+    try:
+        refreshes = []
+        refresh = nsa._SITE.refresh
+        monkeypatch.setattr(nsa._SITE, "refresh", lambda *a, **k: refreshes.append(1) or refresh(*a, **k))
+        for step in range(4):
+            _, pre = make_example(4, 40 + step, 256, device=device, seed=step)
+            want = clone(md)
+            nsa.reference_copy(want, pre)
+            Backend()._copy_base_replay_buffers(4, md, pre, "decode")
+            sync(device)
+            assert_same(md, want)
+        fast = nsa._SITE.binding(id(md)).from_object is not None
+        assert len(refreshes) == (1 if fast else 4)
+    finally:
+        nsa.uninstall()
+
+
+def test_a_seam_of_another_signature_is_left_to_the_engine(caplog):
+    class Backend:
+        def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode, extra):
+            pass
+
+    with caplog.at_level("WARNING", logger="copytune"):
+        assert not nsa.install(Backend)
+    assert "is not the known seam; not patched" in caplog.text

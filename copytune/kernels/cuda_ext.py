@@ -213,6 +213,13 @@ class BoundCuda:
             raise RuntimeError(err)
         return self.batch.run_attrs
 
+    def expect_sources(self, samples: list) -> None:
+        """Every later source must have its sample's device, dtype, shape and strides (a followed page table: 2-D,
+        the bound rows, unit column stride), checked in C++ before each launch."""
+        err = self.batch.expect_sources(samples if self.live is None else [samples[i] for i in self.live])
+        if err:
+            raise RuntimeError(err)
+
     def set_source_offsets(self, offsets: list[int]) -> None:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         err = self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])

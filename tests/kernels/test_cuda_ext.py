@@ -171,3 +171,41 @@ def test_rows_less_aligned_on_the_source_split_into_a_wide_body_and_a_tail(built
         launch()
         torch.cuda.synchronize()
         assert torch.equal(buf, want), cols
+
+
+@pytest.mark.cuda
+def test_every_new_source_is_checked_before_any_launch(built):
+    """Unchecked bindings (the engine's hot path) still refuse a source of another device, dtype or geometry in
+    C++, with one line, before launching; a call that fails at copy k leaves every copy's source as it was, and
+    a failing call holds no reference (no leak)."""
+    import sys
+    from types import SimpleNamespace
+
+    dev = torch.device("cuda")
+    dsts = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)) for n in (5, 300)]
+    srcs = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)) for n in (5, 300)]
+    bound = Dispatcher(None, strategy=NAME).bind(list(zip(srcs, dsts)), checked=False)
+    launch = bound.sources_launcher()
+    good = random_fill(torch.empty(5, dtype=torch.int32, device=dev))
+    bad = {
+        "has shape [2] strides [1]; bound [300] [1]": torch.ones(2, dtype=torch.int32, device=dev),
+        "is Long, bound Int": torch.ones(300, dtype=torch.int64, device=dev),
+        "is on cpu; the batch runs on cuda:0": torch.ones(300, dtype=torch.int32),
+        "has shape [300] strides [2]": torch.ones(600, dtype=torch.int32, device=dev)[::2],
+    }
+    refs = sys.getrefcount(good)
+    for message, source in bad.items():
+        err = launch([good, source])
+        assert err.startswith("cuda_ext: source 1 ") and message in err and "\n" not in err, err
+    assert sys.getrefcount(good) == refs
+    bound.run()  # relaunch on the last accepted sources: the bound ones, never copy 0's source of a failed call
+    torch.cuda.synchronize()
+    assert torch.equal(dsts[0], srcs[0]) and torch.equal(dsts[1], srcs[1])
+    run = bound.attribute_launcher(["a", "inner.b"])  # dotted paths: a source on an object inside the object
+    fresh = SimpleNamespace(a=good, inner=SimpleNamespace(b=random_fill(torch.empty(300, dtype=torch.int32,
+                                                                                    device=dev))))
+    assert not run(fresh)
+    torch.cuda.synchronize()
+    assert torch.equal(dsts[0], good) and torch.equal(dsts[1], fresh.inner.b)
+    assert "no attribute inner.b" in run(SimpleNamespace(a=good, inner=None))
+    assert "source 1 has shape [2]" in run(SimpleNamespace(a=good, inner=SimpleNamespace(b=bad[next(iter(bad))])))

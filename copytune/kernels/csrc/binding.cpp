@@ -72,15 +72,26 @@ class BoundBatch {
       return "cuda_ext: expected " + std::to_string(raw_.size()) + " sources, got " + std::to_string(srcs.size());
     }
     try {
+      pending_.resize(raw_.size());
       for (size_t i = 0; i < raw_.size(); ++i) {
-        std::string err = take_source(i, srcs[i]);
+        std::string err = take_source(i, srcs[i], &pending_[i]);
         if (!err.empty()) return err;
       }
     } catch (const std::exception& e) {
-      return std::string("cuda_ext: ") + e.what();
+      return std::string("cuda_ext: ") + first_line(e.what());
     }
-    plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
-    return launch();
+    return commit_and_launch();
+  }
+
+  // Every later source is checked against these samples (one per copy, the tensors bound) before anything is
+  // launched: device, dtype, and shape and strides - or, for a followed copy, 2-D with the bound rows and unit
+  // column stride. A wrong source is an error string, never an out-of-bounds read: a check costs nanoseconds, an
+  // illegal address costs the serving process.
+  std::string expect_sources(const std::vector<at::Tensor>& samples) {
+    if (samples.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " samples";
+    expect_.clear();
+    for (const at::Tensor& t : samples) expect_.push_back(Expect{t.scalar_type(), t.sizes().vec(), t.strides().vec()});
+    return "";
   }
 
   // The sources are attributes of one Python object (an engine's PrecomputedMetadata), one dotted path per copy
@@ -115,6 +126,7 @@ class BoundBatch {
   std::string run_attrs(pybind11::handle obj) {
     if (attrs_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
     try {
+      pending_.resize(raw_.size());
       for (size_t i = 0; i < raw_.size(); ++i) {
         // each reference is owned by a pybind11::object, so every return path releases it
         pybind11::object t = pybind11::reinterpret_borrow<pybind11::object>(obj);
@@ -127,15 +139,15 @@ class BoundBatch {
           t = pybind11::reinterpret_steal<pybind11::object>(next);
         }
         if (!THPVariable_Check(t.ptr())) return "cuda_ext: source " + std::to_string(i) + " is not a tensor";
-        std::string err = take_source(i, THPVariable_Unpack(t.ptr()));  // the object keeps the tensor alive
+        // the object keeps the tensor alive; only its address and geometry are read
+        std::string err = take_source(i, THPVariable_Unpack(t.ptr()), &pending_[i]);
         if (!err.empty()) return err;
       }
     } catch (const std::exception& e) {
       PyErr_Clear();
-      return std::string("cuda_ext: ") + e.what();
+      return std::string("cuda_ext: ") + first_line(e.what());
     }
-    plan();
-    return launch();
+    return commit_and_launch();
   }
 
   std::vector<int64_t> vector_bytes() const {
@@ -149,22 +161,50 @@ class BoundBatch {
   int64_t unroll() const { return unroll_; }
 
  private:
-  // Copy i reads from `t` from now on (its address plus the bound offset; its shape where followed).
-  std::string take_source(size_t i, const at::Tensor& t) {
-    raw_[i].src = reinterpret_cast<int64_t>(t.data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
-    if (follow_.empty() || !follow_[i].itemsize) return "";
+  // What copy i reads once `t` is its source (its address plus the bound offset; its shape where followed), into
+  // `out`; nothing of the batch changes until every source of a call passed (commit_and_launch).
+  std::string take_source(size_t i, const at::Tensor& t, RawCopy* out) {
+    const std::string which = "cuda_ext: source " + std::to_string(i);
+    if (!t.is_cuda() || t.get_device() != device_) {
+      return which + " is on " + t.device().str() + "; the batch runs on cuda:" + std::to_string(device_);
+    }
+    const bool followed = !follow_.empty() && follow_[i].itemsize;
+    if (!expect_.empty()) {
+      const Expect& e = expect_[i];
+      if (t.scalar_type() != e.dtype) {
+        return which + " is " + std::string(c10::toString(t.scalar_type())) + ", bound " + c10::toString(e.dtype);
+      }
+      if (!followed && (t.sizes() != c10::IntArrayRef(e.sizes) || t.strides() != c10::IntArrayRef(e.strides))) {
+        return which + " has shape " + c10::str(t.sizes()) + " strides " + c10::str(t.strides()) + "; bound " +
+               c10::str(c10::IntArrayRef(e.sizes)) + " " + c10::str(c10::IntArrayRef(e.strides));
+      }
+    }
+    *out = raw_[i];
+    out->src = reinterpret_cast<int64_t>(t.data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
+    if (!followed) return "";
     if (t.dim() != 2 || t.size(0) != raw_[i].rows) {
-      return "cuda_ext: source " + std::to_string(i) + " must be 2-D with " + std::to_string(raw_[i].rows) +
-             " rows";
+      return which + " must be 2-D with " + std::to_string(raw_[i].rows) + " rows";
     }
     const int64_t row_bytes = t.size(1) * follow_[i].itemsize;
-    if (row_bytes > follow_[i].max_row_bytes || (t.stride(1) != 1 && t.size(1) != 1)) {
-      return "cuda_ext: source " + std::to_string(i) + " has " + std::to_string(t.size(1)) +
-             " columns; the destination rows hold " + std::to_string(follow_[i].max_row_bytes / follow_[i].itemsize);
+    if (t.element_size() != follow_[i].itemsize || row_bytes > follow_[i].max_row_bytes ||
+        (t.stride(1) != 1 && t.size(1) != 1)) {
+      return which + " has " + std::to_string(t.size(1)) + " columns; the destination rows hold " +
+             std::to_string(follow_[i].max_row_bytes / follow_[i].itemsize);
     }
-    raw_[i].row_bytes = row_bytes;
-    raw_[i].src_stride = t.stride(0) * follow_[i].itemsize;
+    out->row_bytes = row_bytes;
+    out->src_stride = t.stride(0) * follow_[i].itemsize;
     return "";
+  }
+
+  std::string commit_and_launch() {
+    raw_.swap(pending_);  // all sources passed: take them together (no allocation: the buffers trade places)
+    plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
+    return launch();
+  }
+
+  static std::string first_line(const char* what) {  // c10 errors carry a whole backtrace after the message
+    const std::string s(what);
+    return s.substr(0, s.find('\n'));
   }
 
   void plan() {
@@ -197,6 +237,12 @@ class BoundBatch {
     int64_t max_row_bytes, itemsize;  // itemsize 0: the copy keeps its bound shape
   };
   std::vector<Follow> follow_;
+  struct Expect {
+    at::ScalarType dtype;
+    std::vector<int64_t> sizes, strides;
+  };
+  std::vector<Expect> expect_;  // what every new source must look like (empty: unchecked, legacy callers)
+  std::vector<RawCopy> pending_;  // a call's sources while they are checked
   std::vector<std::vector<pybind11::object>> attrs_;  // interned attribute paths, one per copy (run_attrs)
   std::vector<std::string> paths_;                     // the same paths as given, for error messages
   std::vector<Params> params_;
@@ -212,6 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_attrs", &copytune::BoundBatch::set_source_attrs)
       .def("run_attrs", &copytune::BoundBatch::run_attrs)
+      .def("expect_sources", &copytune::BoundBatch::expect_sources)
       .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
       .def("set_shape", &copytune::BoundBatch::set_shape)
       .def("follow_source_shape", &copytune::BoundBatch::follow_source_shape)
