@@ -175,8 +175,8 @@ class BoundBatch {
         return which + " is " + std::string(c10::toString(t.scalar_type())) + ", bound " + c10::toString(e.dtype);
       }
       if (!followed && (t.sizes() != c10::IntArrayRef(e.sizes) || t.strides() != c10::IntArrayRef(e.strides))) {
-        return which + " has shape " + c10::str(t.sizes()) + " strides " + c10::str(t.strides()) + "; bound " +
-               c10::str(c10::IntArrayRef(e.sizes)) + " " + c10::str(c10::IntArrayRef(e.strides));
+        return which + " has shape " + dims(t.sizes()) + " strides " + dims(t.strides()) + "; bound " +
+               dims(e.sizes) + " " + dims(e.strides);
       }
     }
     *out = raw_[i];
@@ -200,6 +200,14 @@ class BoundBatch {
     raw_.swap(pending_);  // all sources passed: take them together (no allocation: the buffers trade places)
     plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
     return launch();
+  }
+
+  // "[a, b]" by hand: c10::str (an ostringstream across the libtorch boundary) crashed this module on the H200
+  // host (torch 2.11, CUDA 13) the first time it formatted a shape.
+  static std::string dims(c10::IntArrayRef d) {
+    std::string s = "[";
+    for (size_t k = 0; k < d.size(); ++k) s += (k ? ", " : "") + std::to_string(d[k]);
+    return s + "]";
   }
 
   static std::string first_line(const char* what) {  // c10 errors carry a whole backtrace after the message
