@@ -57,10 +57,12 @@ def check_same(engine, a, b, what: str) -> None:
             raise AssertionError(f"{what}: {name} differs from the engine's result")
 
 
-def seam_call(engine, backend, bs, md, pre, fm):
+def seam(engine, backend):
+    """The bound method the engine calls per step: (bs, metadata, precomputed, forward_mode) -> None."""
     if engine.layout == "dsa":
-        return lambda: backend._copy_base_replay_buffers(bs, md, pre, fm)
-    return lambda: backend.init_forward_metadata_replay_cuda_graph_from_precomputed(bs, pre, fm)
+        return backend._copy_base_replay_buffers
+    replay = backend.init_forward_metadata_replay_cuda_graph_from_precomputed
+    return lambda bs, md, pre, fm: replay(bs, pre, fm)
 
 
 def single_rows(engine, classes, mode, bs, max_len, device, width):
@@ -70,16 +72,17 @@ def single_rows(engine, classes, mode, bs, max_len, device, width):
     ours = engine.make_backend([bs], mode=mode, seed=1, **kw)
     pres = [engine.make_precomputed(bs, mode, max_len + k, seed=10 + k, **kw) for k in range(SETS)]
     md_t, md_o = theirs.decode_cuda_graph_metadata[bs], ours.decode_cuda_graph_metadata[bs]
+    engine_seam, copytune_seam = seam(engine, theirs), seam(engine, ours)
     for pre in pres:  # bit-exact first (and binds, tunes, JIT-builds outside the clock)
-        seam_call(engine, theirs, bs, md_t, pre, fm)()
-        seam_call(engine, ours, bs, md_o, pre, fm)()
+        engine_seam(bs, md_t, pre, fm)
+        copytune_seam(bs, md_o, pre, fm)
         check_same(engine, ours, theirs, f"{mode} bs={bs}")
     binding = nsa._SITE.binding(id(md_o))
     launch = binding.from_object or (lambda p: binding.launch(binding.get_sources(p)))
     steps = {
-        "engine": lambda i: seam_call(engine, theirs, bs, md_t, pres[i % SETS], fm)(),
+        "engine": lambda i: engine_seam(bs, md_t, pres[i % SETS], fm),
         "engine copy_": lambda i: nsa.reference_copy(md_t, pres[i % SETS], fm),
-        "copytune": lambda i: seam_call(engine, ours, bs, md_o, pres[i % SETS], fm)(),
+        "copytune": lambda i: copytune_seam(bs, md_o, pres[i % SETS], fm),
         "bare launch": lambda i: launch(pres[i % SETS]),
     }
     out = {"strategy": binding.bound.strategy}
@@ -135,12 +138,14 @@ def engine_copies(engine, multistep, bs, pres, kernel):
             md.flashmla_metadata and md.flashmla_metadata.flashmla_metadata))
         return (*src, *dst, bs, pre.max_len, pre.seqlens_expanded_size)
 
+    rest = [(seam(engine, b), md) for b, md in zip(backends, mds)][3 if fused else 0:]
+
     def step(i):
         pre = pres[i % SETS]
         if fused:
             multi(*args(pre))
-        for b, md in zip(backends[3:] if fused else backends, mds[3:] if fused else mds):
-            seam_call(engine, b, bs, md, pre, fm)()
+        for copy, md in rest:
+            copy(bs, md, pre, fm)
     return step
 
 

@@ -368,7 +368,8 @@ def _patch_seam(cls, original):
             binding = bindings.get((id(metadata), forward_mode, (
                 precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
                 precomputed.flashmla_metadata is None), None))
-            if binding is not None and binding.from_object is not None and not binding.from_object(precomputed):
+            run = None if binding is None else binding.from_object
+            if run is not None and not run(precomputed):
                 STATS.served += 1
                 return None
         if not _serve(metadata, bs, precomputed, forward_mode):
