@@ -29,7 +29,10 @@ class Copy(NamedTuple):
     src: torch.Tensor  # this step's source view
     path: str | int  # where the source's base tensor is on the step's source object: "a.b" attributes, or an index
     dst: torch.Tensor  # the destination view
-    follows: bool = False  # 2-D, its columns change from step to step (a page table): followed, not keyed
+    # A 2-D copy whose column count changes from step to step (a page table): the columns the destination object
+    # holds (its own shape, not its row stride: a view of a wider buffer must not be written past its end).
+    # Followed from each step's source, not keyed. None: the copy keeps its shape.
+    width: int | None = None
 
 
 CopyList = Callable[[Sequence[object], object, object], list[Copy]]  # (destination objects, source, mode) -> copies
@@ -41,18 +44,22 @@ class Unsupported(ValueError):
 
 class _Binding:
     """A bound refresh for one structure. Page tables' column counts change every decode step (the longest sequence
-    grows), so they are followed in place instead of being part of the key."""
+    grows), so they are followed in place instead of being part of the key. Holds no reference to any step's
+    sources: a 160k-token page table per captured batch size would otherwise stay pinned on the GPU."""
 
-    __slots__ = ("bound", "copies", "from_object", "get_sources", "launch", "shapes", "widths")
+    __slots__ = ("bound", "expected", "from_object", "get_sources", "launch", "n_copies", "shapes", "widths")
 
     def __init__(self, copies: list[Copy], source, dispatcher: Dispatcher):
-        self.copies = copies
         paths = [c.path for c in copies]
-        self.bound = dispatcher.bind([(c.src, c.dst) for c in copies], checked=False,
-                                     bases=[_get(source, p) for p in paths])
-        # copies whose columns follow the step's longest sequence: index -> (path, widest the buffer takes)
-        self.widths = {i: (c.path, _base_width(c.dst)) for i, c in enumerate(copies) if c.follows}
+        bases = [_get(source, p) for p in paths]
+        self.n_copies = len(copies)
+        self.bound = dispatcher.bind([(c.src, c.dst) for c in copies], checked=False, bases=bases)
+        # copies whose columns follow the step's longest sequence: index -> (path, widest the destination takes)
+        self.widths = {i: (c.path, c.width) for i, c in enumerate(copies) if c.width is not None}
         self.shapes = {i: copies[i].src.shape for i in self.widths}
+        # what every other source must look like where the strategy does not check it itself (C++ does)
+        self.expected = None if self.bound.checks_sources else [
+            (p, _geometry(b)) for i, (p, b) in enumerate(zip(paths, bases)) if i not in self.widths]
         getters = [operator.itemgetter(p) if isinstance(p, int) else operator.attrgetter(p) for p in paths]
         self.get_sources = lambda src, gs=getters: [g(src) for g in gs]
         # where the kernel reads the page tables' widths from the sources itself, a step is one C++ call
@@ -62,10 +69,16 @@ class _Binding:
         self.launch = self.bound.sources_launcher()
         by_name = all(isinstance(p, str) for p in paths)
         self.from_object = self.bound.attribute_launcher(paths) if by_name and not self.widths else None
+        self.bound.forget_sources()
 
     def run(self, source) -> bool:
         """Launch for ``source``; False when a page table's shape changed and could not be followed in place
         (a torch winner's views are fixed): the caller then runs the copies itself, never a rebind per step."""
+        if self.expected is not None:
+            for path, geometry in self.expected:
+                got = _geometry(_get(source, path))
+                if got != geometry:
+                    raise ValueError(f"{path} is {got}; this binding copies {geometry}")
         if not self.widths:
             err = self.from_object(source) if self.from_object is not None else self.launch(self.get_sources(source))
             if err:
@@ -89,16 +102,18 @@ class _Binding:
         return True
 
 
+def _geometry(t) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _distinct(copies: list[Copy]) -> list[Copy]:
     """``copies`` without repeats: several destination objects may share a buffer (sglang 0.5.10's draft backends
     share ``cache_seqlens_int32``), and the same source path into the same view writes the same bytes every step.
-    A copy whose source *is* its destination at bind time is refused: it need not alias on the next step."""
+    (A copy whose source is its own destination — 0.5.10 pads a batch by handing its graph buffer back as the
+    source — is kept: copying bytes onto themselves changes nothing, and the next step's source may differ.)"""
     seen, out = set(), []
     for c in copies:
-        geometry = (c.dst.data_ptr(), c.dst.shape, c.dst.stride(), c.dst.dtype)
-        if (c.src.data_ptr(), c.src.shape, c.src.stride(), c.src.dtype) == geometry:
-            raise Unsupported(f"the source at {c.path!r} is its own destination")
-        key = (c.path, c.src.data_ptr(), c.src.shape, c.src.stride(), *geometry)
+        key = (c.path, c.src.data_ptr(), c.src.shape, c.src.stride(), c.dst.data_ptr(), c.dst.shape, c.dst.stride())
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -113,11 +128,6 @@ def launch_error(err: str) -> Exception:
 
 def _get(source, path):
     return source[path] if isinstance(path, int) else operator.attrgetter(path)(source)
-
-
-def _base_width(dst_view: torch.Tensor) -> int:
-    """Columns available to a ``buffer[:rows, :cols]`` destination: the buffer's row stride."""
-    return dst_view.stride(0) if dst_view.dim() == 2 else dst_view.numel()
 
 
 class CallSite:
@@ -140,11 +150,7 @@ class CallSite:
         signature is new); a ValueError from validation means nothing was launched.
         """
         binding = self.bindings.get((owner, mode, self.structure(source), dispatcher))
-        if binding is not None and binding.from_object is not None:  # the whole step is one C++ call
-            err = binding.from_object(source)
-            if err:
-                raise launch_error(err)
-        elif binding is None or not binding.run(source):
+        if binding is None or not binding.run(source):
             self._rebind(targets, owner, source, mode, dispatcher)
 
     def binding(self, owner):

@@ -235,10 +235,12 @@ def _with_offsets(launch, plan: CopyPlan, offsets: list[int]):
     if hasattr(launch, "set_source_offsets"):
         launch.set_source_offsets(offsets)
         return launch
-    views = [s for s, _ in plan.pairs]
+    shapes = [(s.shape, s.stride()) for s, _ in plan.pairs]  # geometry only: no source is pinned
 
     def rebased(srcs=None) -> None:
-        launch(None if srcs is None else [as_view(b, v, off) for b, v, off in zip(srcs, views, offsets)])
+        launch(None if srcs is None else [
+            torch.as_strided(b, shape, stride, b.storage_offset() + off // b.element_size())
+            for b, (shape, stride), off in zip(srcs, shapes, offsets)])
     return rebased
 
 
@@ -252,7 +254,7 @@ class BoundCopy:
     """
 
     __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans", "checked",
-                 "choice", "plan")
+                 "checks_sources", "choice", "plan", "sources_forgotten")
 
     def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None):
         self.plan, self.choice, self.checked, self._launch = plan, choice, checked, launch
@@ -260,8 +262,10 @@ class BoundCopy:
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
         expect = getattr(launch, "expect_sources", None)
-        if expect is not None:  # the strategy checks each new source itself (C++), checked or not
+        self.checks_sources = expect is not None  # the strategy checks each new source itself (C++)
+        if expect is not None:
             expect(given)
+        self.sources_forgotten = False
         self._spans = [span_bytes(s) for s, _ in plan.pairs]
         ext = sorted((extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
         self._dst_lo = [lo for (lo, _), _ in ext]
@@ -276,11 +280,14 @@ class BoundCopy:
         """Let copy ``i`` take its columns and source row stride from each new 2-D source (rows fixed), checked
         against ``max_row_bytes`` before each launch; False when the strategy cannot (use ``resize_copy``)."""
         follow = getattr(self._launch, "follow_source_shape", None)
-        d = self.plan.descs[i]
-        if follow is None or self.checked or self.plan.pairs[i][0].dim() != 2 or d.rows != \
-                self.plan.pairs[i][0].shape[0]:
+        src, dst = self.plan.pairs[i]
+        if follow is None or self.checked or src.dim() != 2 or dst.dim() != 2:
             return False
-        return follow(i, max_row_bytes, d.itemsize)
+        size = src.element_size()
+        if self.plan.descs[i].rows != src.shape[0] and not self.resize_copy(
+                i, src.shape[0], src.shape[1] * size, src.stride(0) * size):
+            return False  # a full-width slice was described as one row: split back into rows first
+        return follow(i, max_row_bytes, size)
 
     def sources_launcher(self):
         """The cheapest callable that takes new sources, for call sites that run the same binding every step:
@@ -303,15 +310,27 @@ class BoundCopy:
         ``src_row_stride`` bytes apart, into the same destination rows (an NSA page table gaining a column each
         decode step). The caller guarantees both sides hold those bytes. False when the strategy cannot resize
         in place: bind anew."""
-        d = self.plan.descs[i]
+        dst = self.plan.pairs[i][1]
         resize = getattr(self._launch, "set_shape", None)
-        # rows must stay: a full-width slice was merged into one row at bind time, its row stride is not known
-        if resize is None or d.rows != rows or not resize(i, rows, row_bytes, src_row_stride, d.dst_row_stride):
+        # the destination's own rows and row stride: a full-width slice may have been described as one row
+        if resize is None or dst.dim() != 2 or rows != dst.shape[0] or not resize(
+                i, rows, row_bytes, src_row_stride, dst.stride(0) * dst.element_size()):
             return False
         self._spans[i] = (rows - 1) * src_row_stride + row_bytes if rows and row_bytes else 0
         return True
 
+    def forget_sources(self) -> None:
+        """Drop this binding's references to the sources it was bound with (call sites that hand over new
+        sources every call must not pin the first step's tensors); their geometry stays, as meta tensors.
+        ``run()`` without sources is an error from then on."""
+        meta = tuple((torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta"), d)
+                     for s, d in self.plan.pairs)
+        object.__setattr__(self.plan, "pairs", meta)
+        self.sources_forgotten = True
+
     def run(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
+        if srcs is None and self.sources_forgotten:
+            raise ValueError("this binding forgot its bound sources: pass the sources of every call")
         if srcs is not None and self.checked:
             self.check(srcs)
         self._launch(srcs)

@@ -112,28 +112,29 @@ def _copy_list(md, get, mode: str, size: int, max_len: int, max_seqlen_k: int, r
     if md.page_table_1 is None:  # 0.5.23's dsa_drop_wide_page_table: the engine's own copies would fail too
         raise Unsupported("page_table_1 is None")
 
-    def copy(name, dst, view=None, follows=False) -> Copy:
+    def copy(name, dst, view=None) -> Copy:
         base, path = get(name)
-        return Copy(base if view is None else view(base), path, dst if view is None else view(dst), follows)
+        return Copy(base if view is None else view(base), path, dst if view is None else view(dst))
 
     tail = operator.itemgetter(slice(1, None))
+    width = md.page_table_1.shape[1]
     out = [copy("cache_seqlens", md.cache_seqlens_int32), copy("cu_seqlens_k", md.cu_seqlens_k, tail)]
     if mode == "decode":
-        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_len], True),
+        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_len], width),
                 copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32"))]
     elif mode == "target_verify":
-        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_seqlen_k], True),
+        out += [Copy(*get("page_indices"), md.page_table_1[:, :max_seqlen_k], width),
                 copy("seqlens_expanded", getattr(md, f"{p}_seqlens_expanded")),
                 copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32"))]
     elif mode == "draft_extend":
-        out += [Copy(*get("page_indices"), md.page_table_1[:rows, :max_seqlen_k], True),
+        out += [Copy(*get("page_indices"), md.page_table_1[:rows, :max_seqlen_k], width),
                 copy("seqlens_expanded", getattr(md, f"{p}_seqlens_expanded")[:size]),
                 copy("dsa_cache_seqlens", getattr(md, f"{p}_cache_seqlens_int32")[:size])]
     out.append(copy("dsa_cu_seqlens_k", getattr(md, f"{p}_cu_seqlens_k"), operator.itemgetter(slice(1, 1 + size))))
     real, _ = get("real_page_table")
     if real is not None:
         r, c = real.shape
-        out.append(Copy(*get("real_page_table"), md.real_page_table[:r, :c], True))
+        out.append(Copy(*get("real_page_table"), md.real_page_table[:r, :c], md.real_page_table.shape[1]))
     splits, _ = get("flashmla_metadata.num_splits")
     if splits is not None:
         out += [copy("flashmla_metadata.num_splits", md.flashmla_metadata.num_splits[:size + 1]),
@@ -483,9 +484,9 @@ def install(backend_cls: type | None = None, multistep_cls: type | None = None, 
             log.warning("copytune.nsa.install: %s has neither %s nor %s; not patched", backend_cls.__name__,
                         SEAM_METHOD, REPLAY_METHOD)
     if multistep_cls is not None:
-        name = next((m for m in MULTISTEP_METHODS if hasattr(multistep_cls, m)), None)
-        if name is not None:
-            _set(multistep_cls, name, _patch_multistep)
+        for name in MULTISTEP_METHODS:  # every one present: the precompute may sit in either (nesting is a no-op)
+            if hasattr(multistep_cls, name):
+                _set(multistep_cls, name, _patch_multistep)
     if kernel is not None and hasattr(kernel, MULTI_KERNEL):
         _set(kernel, MULTI_KERNEL, _patch_multi_kernel)
     if _installed:

@@ -208,7 +208,8 @@ def _graph_time(step, device, calls: int, repeats: int, per_graph: int = 20) -> 
             step(i)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread-local: tuning may run inside a serving process whose other threads keep launching work
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for i in range(per_graph):
             step(i)
     graph.replay()

@@ -68,13 +68,25 @@ def test_autoload_env_puts_the_folder_first_once_and_keeps_the_rest(tmp_path):
     assert env["COPYTUNE_CACHE"] == str(tmp_path / "c.db")
 
 
-def test_an_existing_sitecustomize_still_runs(fake_engine, tmp_path):
+def test_an_existing_sitecustomize_still_runs_and_keeps_its_effects(fake_engine, tmp_path):
+    """The sitecustomize copytune shadows runs as site.py would run it: its sys.path changes stay."""
     other = tmp_path / "other"
     other.mkdir()
-    (other / "sitecustomize.py").write_text("import os\nos.environ['OTHER_SITECUSTOMIZE'] = 'ran'\n")
+    (other / "sitecustomize.py").write_text("import os, sys\nos.environ['OTHER_SITECUSTOMIZE'] = 'ran'\n"
+                                            "sys.path.append('/added/by/other')\n")
     env = autoload_env({**os.environ, "PYTHONPATH": f"{other}{os.pathsep}{fake_engine}"})
-    done = run([sys.executable, "-c", "import os; print(os.environ.get('OTHER_SITECUSTOMIZE'))"], tmp_path, env)
-    assert done.stdout.strip() == "ran", done.stderr
+    probe = "import os, sys; print(os.environ.get('OTHER_SITECUSTOMIZE'), '/added/by/other' in sys.path)"
+    done = run([sys.executable, "-c", probe], tmp_path, env)
+    assert done.stdout.strip() == "ran True", done.stderr
+
+
+def test_a_failing_sitecustomize_is_reported_not_hidden(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("raise RuntimeError('broken site setup')\n")
+    env = autoload_env({**os.environ, "PYTHONPATH": str(other)})
+    done = run([sys.executable, "-c", "print('started')"], tmp_path, env)
+    assert done.stdout.strip() == "started" and "broken site setup" in done.stderr
 
 
 def test_a_missing_command_is_one_line(tmp_path):

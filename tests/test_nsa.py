@@ -281,3 +281,72 @@ def test_a_seam_of_another_signature_is_left_to_the_engine(caplog):
     with caplog.at_level("WARNING", logger="copytune"):
         assert not nsa.install(Backend)
     assert "is not the known seam; not patched" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_source_of_another_shape_is_refused_by_every_strategy(strategy, tmp_path, device):
+    """Bindings are unchecked for speed, yet no strategy may read a source of another geometry than bound: the
+    FlashMLA tile-scheduler table is not in the binding key, so a smaller one must raise, never be read past."""
+    d = dispatcher_for(strategy, tmp_path, device)
+    md, pre = make_example(3, 40, 128, flashmla=True, device=device)
+    batched_copy_metadata(md, pre, dispatcher=d)
+    _, other = make_example(3, 40, 128, flashmla=True, device=device, seed=5)
+    half = other.flashmla_metadata.flashmla_metadata[:66]
+    other.flashmla_metadata = FlashMLAMetadata(half, other.flashmla_metadata.num_splits)
+    before = {k: _base(t).clone() for k, t in _views(md).items()}
+    with pytest.raises(ValueError, match="shape|flashmla_metadata"):
+        batched_copy_metadata(md, other, dispatcher=d)
+    sync(device)
+    assert all(torch.equal(_base(t), before[k]) for k, t in _views(md).items())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_full_width_page_tables_are_followed_not_copied_one_by_one(strategy, tmp_path, device, monkeypatch):
+    """sglang 0.5.23 copies the page table's whole width every step (its precompute's max_len is the buffer's
+    width), which describes as one merged row: the binding splits it back into rows and keeps serving it."""
+    d = dispatcher_for(strategy, tmp_path, device)
+    md, _ = make_example(4, 40, 96, device=device)
+    fallbacks = []
+    monkeypatch.setattr(nsa._SITE, "run_copies", lambda targets, *a: fallbacks.extend(
+        t for t in targets if t is md) or callsite.CallSite.run_copies(nsa._SITE, targets, *a))
+    for step, cols in enumerate([96, 96, 50, 96]):
+        _, pre = make_example(4, cols, 96, device=device, seed=step)
+        want = clone(md)
+        nsa.reference_copy(want, pre)
+        batched_copy_metadata(md, pre, dispatcher=d)
+        sync(device)
+        assert_same(md, want)
+    winner = nsa._SITE.binding(id(md)).bound.strategy
+    assert not fallbacks or winner.startswith("torch"), winner
+
+
+def test_a_binding_holds_no_step_sources(tmp_path, device):
+    """Every step's sources are freed once the caller drops them (a long-context page table per batch size
+    would otherwise stay pinned on the GPU for the life of the metadata)."""
+    import gc
+    import weakref
+
+    d = Dispatcher(tmp_path / "c.db", tune=False, strategy="cuda_ext" if device.type == "cuda" else None)
+    md, pre = make_example(4, 40, 128, device=device)
+    batched_copy_metadata(md, pre, dispatcher=d)
+    gone = weakref.ref(pre.page_indices)
+    del pre
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_page_table_view_is_never_written_past_its_columns(tmp_path, device):
+    """The engine's buffer may be a column slice of a wider allocation: its capacity is its own width, not its
+    row stride; a step wider than the view is refused before anything is written."""
+    md, _ = make_example(2, 40, 128, device=device)
+    narrow = DSAMetadata(**{**{f: getattr(md, f) for f in md.__dataclass_fields__},
+                            "page_table_1": md.page_table_1[:, :64]})
+    _, pre = make_example(2, 40, 64, device=device)
+    d = Dispatcher(tmp_path / "c.db", tune=False)
+    batched_copy_metadata(narrow, pre, dispatcher=d)
+    _, wide = make_example(2, 100, 128, device=device, seed=1)
+    before = md.page_table_1._base.clone()
+    with pytest.raises(ValueError, match="100 columns; the (metadata buffer|destination rows) holds? 64"):
+        batched_copy_metadata(narrow, wide, dispatcher=d)
+    sync(device)
+    assert torch.equal(md.page_table_1._base, before)

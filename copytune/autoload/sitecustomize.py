@@ -6,6 +6,8 @@ Standard library only until the engine's backend module is imported: every Pytho
 """
 
 import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import sys
 
@@ -55,18 +57,24 @@ def _install():
 
 
 def _chain_next_sitecustomize():
-    """Python imports only the first ``sitecustomize`` on the path: run the one this folder shadows."""
+    """Python imports only the first ``sitecustomize`` on the path: run the one this folder shadows, as ``site``
+    would (found past this folder, executed as ``sitecustomize``; whatever it does to ``sys.path`` stays)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    saved_path, saved_module = sys.path[:], sys.modules.pop("sitecustomize", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec(
+        "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != here])
+    if spec is None or spec.loader is None:
+        return
+    ours = sys.modules.get("sitecustomize")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sitecustomize"] = module
     try:
-        import sitecustomize  # noqa: F401
-    except ImportError:
-        pass
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - reported as site.py reports a failing sitecustomize
+        print(f"Error in sitecustomize; set PYTHONVERBOSE for traceback:\n{type(exc).__name__}: {exc}",
+              file=sys.stderr)
     finally:
-        sys.path[:] = saved_path
-        if saved_module is not None:
-            sys.modules["sitecustomize"] = saved_module
+        if ours is not None:
+            sys.modules["sitecustomize"] = ours
 
 
 if not any(isinstance(f, _EngineFinder) for f in sys.meta_path):

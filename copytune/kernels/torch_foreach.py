@@ -29,12 +29,11 @@ class TorchForeach:
 
     def bind(self, plan: CopyPlan, params: Params | None = None):
         _check(self, plan)
-        dsts = [d for _, d in plan.pairs]
-        bound = [s for s, _ in plan.pairs]
+        dsts = [d for _, d in plan.pairs]  # the bound sources are read off the plan when needed: never pinned here
 
         def launch(srcs: Sequence[torch.Tensor] | None = None) -> None:
             if dsts:
-                torch._foreach_copy_(dsts, bound if srcs is None else list(srcs))
+                torch._foreach_copy_(dsts, [s for s, _ in plan.pairs] if srcs is None else list(srcs))
 
         return launch
 

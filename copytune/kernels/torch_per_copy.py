@@ -23,11 +23,10 @@ class TorchPerCopy:
         return [{}]
 
     def bind(self, plan: CopyPlan, params: Params | None = None):
-        dsts = [d for _, d in plan.pairs]
-        bound = [s for s, _ in plan.pairs]
+        dsts = [d for _, d in plan.pairs]  # the bound sources are read off the plan when needed: never pinned here
 
         def launch(srcs: Sequence[torch.Tensor] | None = None) -> None:
-            for s, d in zip(bound if srcs is None else srcs, dsts):
+            for s, d in zip([s for s, _ in plan.pairs] if srcs is None else srcs, dsts):
                 d.copy_(s)
 
         return launch

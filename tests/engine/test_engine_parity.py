@@ -119,10 +119,13 @@ def kernel_stand_in(engine, monkeypatch):
     if real is not None and hasattr(real, nsa.MULTI_KERNEL):
         return real
 
-    def never(*args, **kwargs):
-        raise AssertionError("the engine's multi-backend kernel ran under copytune")
     module = types.ModuleType(name)
     module.__file__ = None
+    module.calls = []  # the engine would swallow an exception raised here (and loop): record instead
+
+    def never(*args, **kwargs):
+        module.calls.append(args)
+        raise RuntimeError("the engine's multi-backend kernel ran under copytune")
     module.fused_metadata_copy_multi_cuda = never
     return module
 
@@ -136,6 +139,7 @@ def test_multistep_replay_equals_the_engine(engine, patched, kernel_stand_in, de
     ours = engine.make_multistep(n_backends, [bs], seed=3, **kw)
     theirs = engine.make_multistep(n_backends, [bs], seed=3, **kw)
     launches = []
+    handed = sum(nsa.stats().handed.values())
     for step, max_len in enumerate(STEPS):
         pre = engine.make_precomputed(bs, "decode", max_len, seed=step, **kw)
         if not real:
@@ -156,6 +160,8 @@ def test_multistep_replay_equals_the_engine(engine, patched, kernel_stand_in, de
             loop_only = engine.layout == "nsa" and n_backends >= 3 and k < 3 and kernel_stand_in.__file__ is None
             _assert_same_state(engine.snapshot(a), engine.snapshot(b), ("forward_metadata",) if loop_only else ())
     assert launches == [1] * len(STEPS), "every draft backend's copies in one launch"
+    assert sum(nsa.stats().handed.values()) == handed, nsa.stats().line()
+    assert not getattr(kernel_stand_in, "calls", None), "the engine's multi-backend kernel ran under copytune"
 
 
 def _launch_count(m) -> list:
@@ -235,3 +241,48 @@ def test_copy_list_matches_the_engine_for_every_structure(engine, device, bs, tm
         for name in want:
             if isinstance(want[name], torch.Tensor):
                 assert torch.equal(got[name].cpu(), want[name].cpu()), f"{mode} {page_size} {flashmla}: {name}"
+
+
+def test_a_source_aliasing_its_destination_is_served_and_never_refused(engine, patched, device):
+    """sglang 0.5.10 pads a replay by handing its graph buffer back as the source (``cache_seqlens`` *is*
+    ``cache_seqlens_int32``): copytune serves that step (a copy onto itself changes nothing) and every later
+    unaliased step, exactly as the engine does."""
+    bs = 3
+    ours = engine.make_backend([bs], device=device, seed=4)
+    theirs = engine.make_backend([bs], device=device, seed=4)
+    fm = engine.forward_mode("decode")
+    handed = sum(nsa.stats().handed.values())
+    for step in range(4):
+        pres = {}
+        for name, backend in (("theirs", theirs), ("ours", ours)):
+            p = engine.make_precomputed(bs, "decode", 30 + step, device=device, seed=step)
+            if step == 0:
+                p.cache_seqlens = backend.decode_cuda_graph_metadata[bs].cache_seqlens_int32
+            pres[name] = p
+        theirs.init_forward_metadata_replay_cuda_graph_from_precomputed(bs=bs, precomputed=pres["theirs"],
+                                                                         forward_mode=fm)
+        patched(lambda: ours.init_forward_metadata_replay_cuda_graph_from_precomputed(
+            bs=bs, precomputed=pres["ours"], forward_mode=fm))
+        _sync()
+        _assert_same_state(engine.snapshot(ours), engine.snapshot(theirs))
+    assert sum(nsa.stats().handed.values()) == handed, nsa.stats().line()
+
+
+def test_full_width_page_tables_as_the_engine_precomputes_them(engine, patched, device):
+    """0.5.23's precompute copies the page table's whole width every step (its max_len is the buffer's width);
+    exact, and on a GPU served by the one-call path."""
+    bs = 4
+    ours = engine.make_backend([bs], device=device, seed=6)
+    theirs = engine.make_backend([bs], device=device, seed=6)
+    width = ours.decode_cuda_graph_metadata[bs].page_table_1.shape[1]
+    fm = engine.forward_mode("decode")
+    for step in range(3):
+        pre = engine.make_precomputed(bs, "decode", width, device=device, seed=step)
+        theirs.init_forward_metadata_replay_cuda_graph_from_precomputed(bs=bs, precomputed=pre, forward_mode=fm)
+        patched(lambda: ours.init_forward_metadata_replay_cuda_graph_from_precomputed(
+            bs=bs, precomputed=pre, forward_mode=fm))
+        _sync()
+        _assert_same_state(engine.snapshot(ours), engine.snapshot(theirs))
+    binding = nsa._SITE.binding(id(ours.decode_cuda_graph_metadata[bs]))
+    if binding.bound.strategy == "cuda_ext":
+        assert binding.from_object is not None, "the full-width page table is followed in C++"
