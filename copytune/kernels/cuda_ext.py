@@ -201,9 +201,11 @@ class BoundCuda:
         return j >= 0 and not self.batch.follow_source_shape(j, max_row_bytes, itemsize)
 
     def sources_launcher(self):
-        """The cheapest callable taking the new sources, returning an error message or a falsy value: the C++
-        method itself when no copy was empty (it returns "" on success: the module never throws, see binding.cpp)."""
-        return self.batch.run_sources if self.live is None else self
+        """The cheapest callable taking the new sources (a list or tuple), returning an error message or a falsy
+        value: a plain CPython function into C++ when no copy was empty (the module never throws, see binding.cpp)."""
+        if self.live is not None:
+            return self
+        return _fast(self.batch, "run_sequence") or self.batch.run_sources
 
     def attribute_launcher(self, names: list[str]):
         """A callable taking one object whose attributes ``names`` (one per copy) are the new sources, read in
@@ -211,7 +213,7 @@ class BoundCuda:
         err = self.batch.set_source_attrs(names if self.live is None else [names[i] for i in self.live])
         if err:
             raise RuntimeError(err)
-        return self.batch.run_attrs
+        return _fast(self.batch, "run_attrs") or self.batch.run_attrs
 
     def expect_sources(self, samples: list) -> None:
         """Every later source must have its sample's device, dtype, shape and strides (a followed page table: 2-D,
@@ -225,6 +227,13 @@ class BoundCuda:
         err = self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])
         if err:
             raise RuntimeError(err)
+
+
+def _fast(batch, which: str):
+    """``batch``'s METH_O entry point ``which`` (0.70 µs less per call than the pybind11 method on the H200 host),
+    or None from a build without it."""
+    make = getattr(batch, "fast", None)
+    return None if make is None else make(which)
 
 
 STRATEGY = CudaExt()

@@ -142,6 +142,8 @@ def test_attribute_launcher_reads_sources_off_an_object(built):
     srcs = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)) for n in (5, 300)]
     bound = Dispatcher(None, strategy=NAME).bind(list(zip(srcs, dsts)), checked=False)
     run = bound.attribute_launcher(["a", "b"])
+    assert type(run).__name__ == "builtin_function_or_method"  # METH_O into C++, not a pybind11 method
+    del bound  # the entry point keeps its batch alive
     fresh = SimpleNamespace(a=random_fill(torch.empty(5, dtype=torch.int32, device=dev)),
                             b=random_fill(torch.empty(300, dtype=torch.int32, device=dev)))
     assert not run(fresh)

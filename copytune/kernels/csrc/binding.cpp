@@ -83,6 +83,28 @@ class BoundBatch {
     return commit_and_launch();
   }
 
+  // New sources as a Python list or tuple of tensors, read straight off the sequence: no pybind11 conversion to a
+  // std::vector<at::Tensor> (a refcount pair per tensor) when called through fast("run_sequence").
+  std::string run_sequence(PyObject* seq) {
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) return "cuda_ext: the sources must be a list or a tuple";
+    const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq));
+    if (n != raw_.size()) {
+      return "cuda_ext: expected " + std::to_string(raw_.size()) + " sources, got " + std::to_string(n);
+    }
+    try {
+      pending_.resize(raw_.size());
+      PyObject** items = PySequence_Fast_ITEMS(seq);
+      for (size_t i = 0; i < n; ++i) {
+        if (!THPVariable_Check(items[i])) return "cuda_ext: source " + std::to_string(i) + " is not a tensor";
+        std::string err = take_source(i, THPVariable_Unpack(items[i]), &pending_[i]);
+        if (!err.empty()) return err;
+      }
+    } catch (const std::exception& e) {
+      return std::string("cuda_ext: ") + first_line(e.what());
+    }
+    return commit_and_launch();
+  }
+
   // Every later source is checked against these samples (one per copy, the tensors bound) before anything is
   // launched: device, dtype, and shape and strides - or, for a followed copy, 2-D with the bound rows and unit
   // column stride. A wrong source is an error string, never an out-of-bounds read: a check costs nanoseconds, an
@@ -257,6 +279,73 @@ class BoundBatch {
   std::vector<int64_t> tiles_;
 };
 
+// Per-step entry points as plain CPython functions (METH_O, bound to a capsule holding the batch): a pybind11
+// method call costs 0.70 us on the H200 host before any work (benchmarks/bench_launch.py), a METH_O call a
+// fraction of that. They return None on success and the error message otherwise; they never raise.
+namespace fast {
+
+constexpr const char* kCapsule = "copytune.BoundBatch";
+
+struct Handle {
+  BoundBatch* batch;
+  PyObject* owner;  // the pybind11 object owning `batch`, kept alive by the capsule
+};
+
+BoundBatch* batch_of(PyObject* capsule) {
+  auto* h = static_cast<Handle*>(PyCapsule_GetPointer(capsule, kCapsule));
+  return h == nullptr ? nullptr : h->batch;
+}
+
+PyObject* result(const std::string& err) {
+  if (err.empty()) Py_RETURN_NONE;
+  return PyUnicode_FromStringAndSize(err.data(), static_cast<Py_ssize_t>(err.size()));
+}
+
+PyObject* run_attrs(PyObject* capsule, PyObject* obj) {
+  BoundBatch* b = batch_of(capsule);
+  return b == nullptr ? nullptr : result(b->run_attrs(pybind11::handle(obj)));
+}
+
+PyObject* run_sequence(PyObject* capsule, PyObject* seq) {
+  BoundBatch* b = batch_of(capsule);
+  return b == nullptr ? nullptr : result(b->run_sequence(seq));
+}
+
+PyMethodDef kRunAttrs = {"run_attrs", run_attrs, METH_O, "Launch with the sources read off one object."};
+PyMethodDef kRunSequence = {"run_sequence", run_sequence, METH_O, "Launch with a list or tuple of sources."};
+
+void release(PyObject* capsule) {
+  auto* h = static_cast<Handle*>(PyCapsule_GetPointer(capsule, kCapsule));
+  if (h != nullptr) {
+    Py_DECREF(h->owner);
+    delete h;
+  }
+}
+
+// The METH_O function `which` bound to `self`; None where it cannot be made (the pybind11 methods remain).
+pybind11::object make(pybind11::object self, const std::string& which) {
+  PyMethodDef* def = which == "run_attrs" ? &kRunAttrs : which == "run_sequence" ? &kRunSequence : nullptr;
+  BoundBatch* batch = pybind11::isinstance<BoundBatch>(self) ? self.cast<BoundBatch*>() : nullptr;
+  if (def == nullptr || batch == nullptr) return pybind11::none();
+  auto* h = new Handle{batch, self.ptr()};
+  Py_INCREF(self.ptr());
+  PyObject* capsule = PyCapsule_New(h, kCapsule, release);
+  if (capsule == nullptr) {
+    PyErr_Clear();
+    Py_DECREF(self.ptr());
+    delete h;
+    return pybind11::none();
+  }
+  PyObject* fn = PyCFunction_New(def, capsule);
+  Py_DECREF(capsule);  // the function holds it now
+  if (fn == nullptr) {
+    PyErr_Clear();
+    return pybind11::none();
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(fn);
+}
+
+}  // namespace fast
 }  // namespace copytune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -272,6 +361,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("follow_source_shape", &copytune::BoundBatch::follow_source_shape)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles)
-      .def("unroll", &copytune::BoundBatch::unroll);
+      .def("unroll", &copytune::BoundBatch::unroll)
+      .def("fast", &copytune::fast::make);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
 }
