@@ -154,6 +154,8 @@ class Dispatcher:
         hands a serving step the same blocks each time) skips validation and dispatch: everything they depend on
         is in the lookup key, and the cached runner holds no tensor references.
         """
+        if not isinstance(pairs, (Sequence, CopyPlan)):  # a generator or zip(): the key must not consume it
+            pairs = list(pairs) if not isinstance(pairs, torch.Tensor) else pairs
         key = _exact_key(pairs)
         run = self._runners.get(key) if key is not None else None
         if run is None:

@@ -6,7 +6,7 @@ slice view costs ~3.5 µs and a whole fused launch ~8 µs, so the description is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,8 @@ class CopyPlan:
         """
         if isinstance(pairs, CopyPlan):
             return pairs
+        if isinstance(pairs, torch.Tensor) or not isinstance(pairs, Iterable):
+            raise ValueError(f"expected a sequence of (src, dst) pairs, got {type(pairs).__name__}")
         checked, descs, extents = [], [], []
         device = None
         for i, pair in enumerate(pairs):
@@ -85,6 +87,8 @@ class CopyPlan:
 
 
 def _check_pair(i: int, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(pair, torch.Tensor):  # `batched_copy((src, dst))`: the rows of src would be read as a pair
+        raise ValueError(f"pair {i} is a tensor, not a (src, dst) pair: pass a list of pairs, [(src, dst)]")
     try:
         src, dst = pair  # type: ignore[misc]
     except (TypeError, ValueError):

@@ -263,3 +263,25 @@ def test_pinned_strategy_is_used_without_tuning(tmp_path):
     src, dst = torch.arange(5), torch.zeros(5, dtype=torch.int64)
     assert d.winner([(src, dst)]) == "torch_foreach"
     assert Store(tmp_path / "c.db").rows() == []
+
+
+def test_any_iterable_of_pairs_is_copied(tmp_path):
+    """A generator or zip() of pairs is copied like a list (the exact-geometry probe must not consume it)."""
+    d = Dispatcher(tmp_path / "c.db", tune=False)
+    srcs = [torch.arange(5, dtype=torch.int32) + k for k in range(3)]
+    for make in (lambda dsts: zip(srcs, dsts), lambda dsts: ((s, t) for s, t in zip(srcs, dsts))):
+        dsts = [torch.full((5,), -1, dtype=torch.int32) for _ in range(3)]
+        d.copy(make(dsts))
+        assert all(torch.equal(s, t) for s, t in zip(srcs, dsts))
+
+
+def test_a_single_pair_not_in_a_list_is_refused_before_writing(tmp_path):
+    """`copy((src, dst))` with 2-row tensors would read src's rows as a pair and write into the caller's source."""
+    d = Dispatcher(tmp_path / "c.db", tune=False)
+    src, dst = torch.arange(8, dtype=torch.int32).view(2, 4), torch.zeros(2, 4, dtype=torch.int32)
+    before = src.clone()
+    with pytest.raises(ValueError, match="pair 0 is a tensor, not a \\(src, dst\\) pair"):
+        d.copy((src, dst))
+    with pytest.raises(ValueError, match="expected a sequence of \\(src, dst\\) pairs, got Tensor"):
+        d.copy(src)
+    assert torch.equal(src, before) and not dst.any()
