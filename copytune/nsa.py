@@ -35,7 +35,6 @@ log = logging.getLogger("copytune")
 
 FORWARD_MODES = ("decode", "target_verify", "draft_extend", "draft_extend_v2")
 TOPK = 2048  # DeepSeek-V3.2's index top-k: the dsa_* sequence lengths are clamped to it
-NSA_TOPK = TOPK
 
 
 # -- the engine's objects, mirrored for examples, tuning and benchmarks (the engine's own objects work as they are)
