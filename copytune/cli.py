@@ -186,11 +186,17 @@ def clear(device_only: bool, cache_path: str | None) -> None:
               help="Comma-separated sizes (MiB) of the large-copy batches; 'none' skips them.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Include the engine-style fused kernel (compiled on first use, CUDA only).")
+@click.option("--engine", "engine_version", default="0.5.23", show_default=True,
+              help="Also time the real engine's own refresh (sglang wheel of this release, its JIT kernel; CUDA "
+                   "only, needs apache-tvm-ffi and msgspec) against copytune's patched seam; 'none' skips it.")
+@click.option("--backends", default="2,3,4,6", show_default=True,
+              help="Draft-backend counts for the engine's multi-step replay (with --engine).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of µs per call against bs here (needs matplotlib).")
 @click.option("--device", default=None, help="Device (default: cuda if present, else cpu).")
-def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, json_path, plot_path, device) -> None:
+def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, engine_version, backends, json_path,
+          plot_path, device) -> None:
     """Every strategy, the engine's copy_ sequence, copytune's call site through the dispatcher and the engine-style
     fused kernel, side by side for the model's sweep, eager and graph, as ratios to per-copy torch from the same
     run; then large copies against torch's bandwidth. Nothing is stored in the cache.
@@ -227,6 +233,8 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, json
     points = benchmark.sweep(profile, sizes, lens, forward_mode, dev, ref, progress=show)
     large_points = benchmark.large(big, dev, progress=lambda p: show(p, bandwidth=True))
     results = benchmark.as_json(points, large_points, dev, forward_mode)
+    if engine_version.strip().lower() != "none":
+        results["engine"] = _engine_rows(engine_version, sizes, lens, _int_list(backends), dev)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -237,6 +245,22 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, json
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
         click.echo(f"wrote {plot_path}")
+
+
+def _engine_rows(version: str, sizes, lens, backends, dev) -> dict | None:
+    """The real engine against copytune's patched seam (copytune.engine_bench); one line and None where it cannot
+    run here."""
+    if dev.type != "cuda":
+        click.echo("engine comparison skipped: it needs a CUDA device", err=True)
+        return None
+    from copytune import engine_bench, sglang_oracle
+
+    click.echo(f"the real engine, sglang {version} (its JIT kernel through its own wrapper):")
+    try:
+        return engine_bench.run(version, sizes, lens, backends, dev, progress=click.echo)
+    except sglang_oracle.EngineUnavailable as exc:
+        click.echo(f"engine comparison skipped: {exc}", err=True)
+        return None
 
 
 def _int_list(text: str) -> list[int]:

@@ -81,8 +81,10 @@ def test_bench_prints_every_strategy_the_call_site_and_large_copies_against_per_
     assert any(ln.startswith("engine copy_ sequence") for ln in lines)
     assert any(ln.startswith("copytune batched_copy_metadata") for ln in lines)
     assert any(ln.startswith("large: 1 MiB, 2-D strided") for ln in lines)
+    assert "engine comparison skipped: it needs a CUDA device" in result.output  # one line, no traceback
     results = json.loads(out.read_text())
     assert [p["bs"] for p in results["points"]] == [2, 4] and len(results["large"]) == 2
+    assert results["engine"] is None
     for point in results["points"]:
         names = [r["name"] for r in point["rows"]]
         assert names[0] == "torch_per_copy" and "copytune batched_copy_metadata" in names

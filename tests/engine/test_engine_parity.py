@@ -1,6 +1,6 @@
 """copytune inside the real engine: the patched replay leaves exactly the state the engine's own code leaves.
 
-The engine's files are downloaded at test time (``sglang_engine.load``); the unpatched replay runs the engine's own
+The engine's files are downloaded at test time (``sglang_oracle.load``); the unpatched replay runs the engine's own
 code — its JIT kernel where the toolchain and a GPU exist, else its ``.copy_()`` fallback — and the patched replay
 the same code with copytune at the copy seams. Every destination buffer is compared whole, with the backend's
 state, over several steps whose page tables grow, repeat and shrink.
@@ -13,8 +13,7 @@ import types
 import pytest
 import torch
 
-from copytune import Dispatcher, nsa
-from tests.engine import sglang_engine
+from copytune import Dispatcher, nsa, sglang_oracle
 
 STEPS = (40, 41, 41, 77, 12)  # the step's longest sequence: columns grow, repeat, jump and shrink
 MODES = ("decode", "idle", "target_verify", "draft_extend", "draft_extend_v2")
@@ -22,12 +21,12 @@ LAYOUTS = [  # page size, FlashMLA, real_page_table present (the engine's precom
     (1, False, False), (1, True, False), (64, False, True), (64, True, True), (64, False, False)]
 
 
-@pytest.fixture(params=sglang_engine.VERSIONS)
+@pytest.fixture(params=sglang_oracle.VERSIONS)
 def engine(request):
     """The release under test, loaded into ``sys.modules`` (cached per process; a switch costs ~1 ms)."""
     try:
-        return sglang_engine.load(request.param)
-    except sglang_engine.EngineUnavailable as exc:
+        return sglang_oracle.load(request.param)
+    except sglang_oracle.EngineUnavailable as exc:
         pytest.skip(f"the engine's wheel cannot be had here: {exc}")
 
 

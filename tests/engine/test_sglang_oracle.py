@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from tests.engine import sglang_engine
-from tests.engine.sglang_engine import EngineUnavailable, snapshot_diff
+from copytune import sglang_oracle
+from copytune.sglang_oracle import EngineUnavailable, snapshot_diff
 
 
-@pytest.fixture(params=sglang_engine.VERSIONS)
+@pytest.fixture(params=sglang_oracle.VERSIONS)
 def engine(request):
     try:
-        return sglang_engine.load(request.param)
+        return sglang_oracle.load(request.param)
     except EngineUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -47,11 +47,11 @@ def _expect_replay(engine, backend, bs: int, pre, mode: str) -> None:
 
 def test_the_code_is_the_wheels(engine):
     source = inspect.getsourcefile(engine.Backend)
-    assert source.startswith(str(sglang_engine.cache_dir() / engine.version)), source
+    assert source.startswith(str(sglang_oracle.cache_dir() / engine.version)), source
     for name in (engine.Backend.__module__, engine.Precomputed.__module__, engine.ForwardMode.__module__):
         assert getattr(sys.modules[name], "__file__", None), f"{name} should run from the wheel"
     utils = engine.module("sglang.srt.utils")
-    assert isinstance(utils, sglang_engine._StubModule) and utils.is_cuda() is False and utils.is_hip() is False
+    assert isinstance(utils, sglang_oracle._StubModule) and utils.is_cuda() is False and utils.is_hip() is False
     other = "nsa_backend" if engine.layout == "dsa" else "dsa_backend"
     with pytest.raises(ModuleNotFoundError):  # what the wheel lacks does not exist, as in a real install
         importlib.import_module(f"sglang.srt.layers.attention.{other}")
@@ -123,12 +123,12 @@ def test_run_multistep_refreshes_every_draft_backend(engine, device, capsys, n_b
 
 def test_held_engines_survive_a_version_switch(device):
     try:
-        old, new = (sglang_engine.load(v) for v in sglang_engine.VERSIONS)
+        old, new = (sglang_oracle.load(v) for v in sglang_oracle.VERSIONS)
     except EngineUnavailable as exc:
         pytest.skip(str(exc))
     backend, want = (old.make_backend([2], seed=1, device=device) for _ in range(2))
     pre = old.make_precomputed(2, "decode", 30, device=device)
-    assert sglang_engine.load(new.version) is new
+    assert sglang_oracle.load(new.version) is new
     import sglang.srt.layers.attention.dsa_backend as dsa  # plain imports resolve in the active version
 
     assert dsa.DeepseekSparseAttnBackend is new.Backend
@@ -136,7 +136,7 @@ def test_held_engines_survive_a_version_switch(device):
                                                                      forward_mode=old.forward_mode("decode"))
     _expect_replay(old, want, 2, pre, "decode")
     assert snapshot_diff(old.snapshot(backend), old.snapshot(want)) == []
-    assert sglang_engine.load(old.version) is old
+    assert sglang_oracle.load(old.version) is old
     assert sys.modules[old.Backend.__module__].__dict__[old.Backend.__name__] is old.Backend
     with pytest.raises(ModuleNotFoundError):
         import sglang.srt.layers.attention.dsa_backend  # noqa: F401
@@ -154,21 +154,21 @@ def _failing_pip(message: str, code: int = 1):
 def test_a_failed_download_raises_engine_unavailable(tmp_path, monkeypatch, pip, reason):
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("COPYTUNE_TEST_CACHE", str(cache))
-    monkeypatch.setattr(sglang_engine, "_pip_command", pip)
-    monkeypatch.setattr(sglang_engine, "_ENGINES", {})
-    monkeypatch.setattr(sglang_engine, "_UNAVAILABLE", {})
+    monkeypatch.setattr(sglang_oracle, "_pip_command", pip)
+    monkeypatch.setattr(sglang_oracle, "_ENGINES", {})
+    monkeypatch.setattr(sglang_oracle, "_UNAVAILABLE", {})
     with pytest.raises(EngineUnavailable, match=reason):
-        sglang_engine.load(sglang_engine.VERSIONS[0])
+        sglang_oracle.load(sglang_oracle.VERSIONS[0])
     assert list(cache.iterdir()) == [], "nothing half-made is left in the cache"
-    monkeypatch.setattr(sglang_engine, "_pip_command", _failing_pip("must not run again"))
+    monkeypatch.setattr(sglang_oracle, "_pip_command", _failing_pip("must not run again"))
     with pytest.raises(EngineUnavailable, match=reason):  # the first failure stands for the process
-        sglang_engine.load(sglang_engine.VERSIONS[0])
+        sglang_oracle.load(sglang_oracle.VERSIONS[0])
 
 
 def test_a_concurrent_publisher_wins(tmp_path):
     target, tree = tmp_path / "0.5.23", tmp_path / "tree"
     for path, text in ((target, "first"), (tree, "second")):
         (path / "sglang").mkdir(parents=True)
-        (path / sglang_engine._MARKER).write_text(text)
-    sglang_engine._publish(tree, target)
-    assert (target / sglang_engine._MARKER).read_text() == "first"
+        (path / sglang_oracle._MARKER).write_text(text)
+    sglang_oracle._publish(tree, target)
+    assert (target / sglang_oracle._MARKER).read_text() == "first"

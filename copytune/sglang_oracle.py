@@ -1,4 +1,5 @@
-"""The real sglang engine's CUDA-graph metadata replay, loaded from its wheel, so tests can hold copytune against it.
+"""The real sglang engine's CUDA-graph metadata replay, loaded from its wheel: the oracle tests and benchmarks
+hold copytune against (``tests/engine``, ``copytune bench --engine``, ``benchmarks/bench_engine.py``).
 
 Why a loader: the only trustworthy oracle for copytune's metadata copies is the engine's own code, and importing
 sglang needs GPU-only packages. So the wheel is downloaded once (``pip download``, cached under
