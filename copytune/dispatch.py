@@ -108,6 +108,11 @@ class Dispatcher:
             warnings.warn(f"copytune: cached winner {row['strategy']!r} for key {key[:12]} is unusable here; "
                           "ignoring it", RuntimeWarning, stacklevel=4)
             return None
+        reason = _invalid_params(strategy, row["params"])
+        if reason is not None:  # a hand-edited or foreign row must never break or silence a copy
+            warnings.warn(f"copytune: cached winner for key {key[:12]} has parameters it cannot run ({reason}); "
+                          "ignoring it", RuntimeWarning, stacklevel=4)
+            return None
         return Choice(row["strategy"], row["params"], "cache")
 
     def adopt(self, row: dict) -> bool:
@@ -117,7 +122,8 @@ class Dispatcher:
         kind = row["device"].get("kind", "cpu")
         device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" and torch.cuda.is_available() \
             else torch.device(kind if kind != "cuda" else "cpu")
-        if row["mode"] != self.mode or strategy is None or strategy.available(device) is not None:
+        if row["mode"] != self.mode or strategy is None or strategy.available(device) is not None or \
+                _invalid_params(strategy, row["params"]) is not None:
             return False
         with self._lock:
             self._table[row["key"]] = Choice(row["strategy"], row["params"], "cache")
@@ -201,6 +207,16 @@ class Dispatcher:
             offsets = _view_offsets(plan, bases)
             launch = _with_offsets(launch, plan, offsets)
         return BoundCopy(plan, choice, launch, checked, bases, offsets)
+
+
+def _invalid_params(strategy, params) -> str | None:
+    """Why ``strategy`` cannot run ``params`` as stored (not a dict, or outside its schema); None when it can."""
+    if not isinstance(params, dict):
+        return f"params is a {type(params).__name__}, not an object"
+    try:
+        return strategy.validate_params(params)
+    except Exception as exc:  # noqa: BLE001 - a broken validator excludes the row, never the caller
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _exact_key(pairs) -> tuple | None:

@@ -78,6 +78,25 @@ def test_unusable_cached_winner_is_ignored(tmp_path):
         assert make_dispatcher(tmp_path, tune=False).choose(plan).origin == "default"
 
 
+@pytest.mark.parametrize("params", [{"block": -1024, "num_warps": 4}, {"block": 3, "num_warps": 4}, "1024", None])
+def test_a_cached_winner_with_parameters_it_cannot_run_is_a_miss_and_the_copy_is_exact(tmp_path, params):
+    """A hand-edited row (a block that copies nothing, one that does not compile, not an object) never breaks or
+    silences a copy: one warning, the default strategy, exact bytes."""
+    d = make_dispatcher(tmp_path)
+    pairs = pairs_of(4)
+    plan = CopyPlan.from_pairs(pairs)
+    d.copy(plan)
+    store = Store(tmp_path / "cache.db")
+    store.put({**store.get(d.key(plan)), "strategy": "triton_unified", "params": params})
+    fresh = make_dispatcher(tmp_path, tune=False)
+    for _, dst in pairs:
+        dst.fill_(-7)
+    with pytest.warns(RuntimeWarning, match="cannot run|ignored"):
+        fresh.copy(pairs)
+    assert fresh.choose(plan).origin == "default"
+    assert all(torch.equal(s, d_) for s, d_ in pairs)
+
+
 def test_corrupt_cache_still_copies_and_keeps_the_file(tmp_path):
     path = tmp_path / "cache.db"
     path.write_bytes(b"\x00garbage" * 100)
@@ -285,3 +304,11 @@ def test_a_single_pair_not_in_a_list_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="expected a sequence of \\(src, dst\\) pairs, got Tensor"):
         d.copy(src)
     assert torch.equal(src, before) and not dst.any()
+
+
+def test_every_candidate_a_strategy_offers_passes_its_own_validation():
+    """The tuner stores candidates; the cache and bundles accept only what validates: the two must agree."""
+    plan = CopyPlan.from_pairs(pairs_of(4))
+    for name, strategy in strategies().items():
+        for params in strategy.candidates(plan):
+            assert strategy.validate_params(params) is None, (name, params)

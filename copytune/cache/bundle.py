@@ -87,6 +87,9 @@ def _check_entry(e: Any) -> None:
     if not isinstance(e.get("params"), dict) or not all(isinstance(k, str) and _scalar(v)
                                                         for k, v in e["params"].items()):
         raise TypeError("params must be an object of scalars")
+    reason = strategies()[e["strategy"]].validate_params(e["params"])
+    if reason is not None:  # what imports must run and copy exactly
+        raise ValueError(f"params {json.dumps(e['params'])}: {reason}")
     _check_signature(e.get("signature"))
     for name in ("time_us", "baseline_us"):
         v = e.get(name)

@@ -37,6 +37,9 @@ class Strategy(Protocol):
     def candidates(self, plan: CopyPlan) -> list[Params]:
         """Parameter sets worth timing for this plan; the first is the default."""
 
+    def validate_params(self, params: Params) -> str | None:
+        """None when ``bind`` runs ``params`` exactly (a cache row or an imported bundle); else why not."""
+
     def bind(self, plan: CopyPlan, params: Params | None = None) -> Launch:
         """Prepare a reusable launch of ``plan`` (compiles here, never on the bound call)."""
 
@@ -49,6 +52,11 @@ class Strategy(Protocol):
 
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
         """Launch the batch once, without synchronizing."""
+
+
+def int_in(value: Any, allowed) -> bool:
+    """An int (never a bool) among ``allowed``: JSON gives back 4.0, true and "4" as readily as 4."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in allowed
 
 
 def as_plan(plan_or_pairs) -> CopyPlan:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from copytune.kernels.base import Params, UnsupportedPlan, as_device, as_plan
+from copytune.kernels.base import Params, UnsupportedPlan, as_device, as_plan, int_in
 from copytune.plan import CopyPlan
 
 CSRC = Path(__file__).parent / "csrc"
@@ -141,6 +141,14 @@ class CudaExt:
     def candidates(self, plan: CopyPlan) -> list[Params]:
         """Tile shapes (units per thread; 256 threads a block); the vector width is chosen per copy in C++."""
         return [{"unroll": u} for u in UNROLLS]
+
+    def validate_params(self, params: Params) -> str | None:
+        """``{"unroll": u}`` with u one of UNROLLS, or ``{}`` (entries of the first version: the default)."""
+        if set(params) - {"unroll"}:
+            return f"cuda_ext takes only 'unroll', got {sorted(params)}"
+        if "unroll" in params and not int_in(params["unroll"], UNROLLS):
+            return f"cuda_ext: unroll must be one of {UNROLLS}, got {params['unroll']!r}"
+        return None
 
     def bind(self, plan: CopyPlan, params: Params | None = None):
         unroll = (params or {}).get("unroll", UNROLLS[0])

@@ -22,6 +22,9 @@ class TorchPerCopy:
     def candidates(self, plan: CopyPlan) -> list[Params]:
         return [{}]
 
+    def validate_params(self, params: Params) -> str | None:
+        return None if params == {} else f"{self.name} takes no parameters, got {sorted(params)}"
+
     def bind(self, plan: CopyPlan, params: Params | None = None):
         dsts = [d for _, d in plan.pairs]  # the bound sources are read off the plan when needed: never pinned here
 

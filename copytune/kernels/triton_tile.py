@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from copytune.kernels.base import UnsupportedPlan, as_device, as_plan
+from copytune.kernels.base import UnsupportedPlan, as_device, as_plan, int_in
 from copytune.kernels.triton_launch import TritonLauncher, interpreting
 from copytune.plan import CopyDesc, CopyPlan, as_view
 
@@ -79,6 +79,11 @@ def copy_tile(src, dst, n, cols, ss, ds, start, UNIT: tl.constexpr, BLOCK: tl.co
     tl.store(dst.to(tl.pointer_type(UNIT)) + d_off, vals, mask=mask)
 
 
+# What a stored or imported parameter set may hold (validate_params): blocks and warps are powers of two.
+PARAM_RANGES = {"block": tuple(2 ** k for k in range(4, 17)), "num_warps": (1, 2, 4, 8, 16, 32),
+                "programs_per_sm": tuple(range(1, 65))}
+
+
 class TritonStrategy:
     """Shared launch logic of the Triton strategies: chunking, unit choice, binding, rebinding to new sources.
 
@@ -106,6 +111,17 @@ class TritonStrategy:
 
     def candidates(self, plan: CopyPlan) -> list[dict]:
         return [dict(self.defaults)] + [dict(p) for p in self.search if p != self.defaults]
+
+    def validate_params(self, params: dict) -> str | None:
+        """Exactly the keys of ``defaults``, each within what the kernel compiles and covers: a block that is not
+        a power of two does not compile, and a block or program count below one copies nothing."""
+        if set(params) != set(self.defaults):
+            return f"{self.name} takes {sorted(self.defaults)}, got {sorted(params)}"
+        for key, allowed in PARAM_RANGES.items():
+            if key in params and not int_in(params[key], allowed):
+                return f"{self.name}: {key} must be one of {allowed[0]}..{allowed[-1]}" + \
+                    (" (powers of two)" if key != "programs_per_sm" else "") + f", got {params[key]!r}"
+        return None
 
     def layout(self, descs: list[CopyDesc], unit: int, params: dict, device) -> tuple:
         """(grid, args, src_arg_positions) for one chunk of at most SLOTS copies."""

@@ -18,10 +18,15 @@ GPU = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm
        "driver": 13000, "cuda_runtime": "13.0", "torch": "2.11.0", "triton": "3.6.0", "copytune": "0.1.0"}
 
 
-def entry(bs=32, time_us=5.0, strategy="cuda_ext", device=GPU, mode="eager"):
+PARAMS = {"cuda_ext": {"unroll": 4}, "triton_unified": {"block": 1024, "num_warps": 4}, "torch_foreach": {},
+          "triton_persistent": {"block": 1024, "num_warps": 4, "programs_per_sm": 4}}
+
+
+def entry(bs=32, time_us=5.0, strategy="cuda_ext", device=GPU, mode="eager", params=None):
     sig = [[4, "1d", 1, bs, 16], [4, "2d", bs, 2048, 16]]
     return {"key": make_key(device, sig, mode), "device": device, "signature": sig, "mode": mode,
-            "strategy": strategy, "params": {}, "time_us": time_us, "baseline_us": 50.0,
+            "strategy": strategy, "params": PARAMS.get(strategy, {}) if params is None else params, "time_us": time_us,
+            "baseline_us": 50.0,
             "timings": [{"strategy": strategy, "params": {}, "time_us": time_us, "reason": None}],
             "tuned_at": "2026-11-25T12:00:00+00:00", "copytune_version": "0.1.0"}
 
@@ -160,3 +165,26 @@ def test_show_json(tmp_path):
     Store(cache).put_many([entry(32)])
     res = cli("show", "--json", "--cache", cache)
     assert res.exit_code == 0 and json.loads(res.output)[0]["strategy"] == "cuda_ext"
+
+
+@pytest.mark.parametrize("strategy, params, why", [
+    ("triton_unified", {"block": 3, "num_warps": 4}, "block must be one of 16..65536 (powers of two), got 3"),
+    ("triton_unified", {"block": -1024, "num_warps": 4}, "block must be one of"),
+    ("triton_unified", {"block": "1024", "num_warps": 4}, "got '1024'"),
+    ("triton_unified", {"block": None, "num_warps": 4}, "got None"),
+    ("triton_unified", {"block": 1024.0, "num_warps": 4}, "got 1024.0"),
+    ("triton_unified", {}, "takes ['block', 'num_warps'], got []"),
+    ("triton_unified", {"BLOCK": 1024, "num_warps": 4}, "got ['BLOCK', 'num_warps']"),
+    ("triton_persistent", {"block": 1024, "num_warps": 4, "programs_per_sm": 0}, "programs_per_sm must be one of"),
+    ("cuda_ext", {"unroll": 3}, "unroll must be one of"),
+    ("cuda_ext", {"unroll": True}, "unroll must be one of"),
+    ("torch_foreach", {"block": 1024}, "takes no parameters"),
+])
+def test_parameters_a_strategy_cannot_run_are_refused_and_nothing_is_written(tmp_path, strategy, params, why):
+    """What imports is guaranteed to run and copy exactly: parameters outside the strategy's own schema (that
+    would raise on the serving path, or silently copy nothing) fail the import, naming the entry and the reason."""
+    path = write_bundle(tmp_path / "b.json", [entry(32), entry(64, strategy=strategy, params=params)])
+    result = cli("import", path, "--cache", str(tmp_path / "c.db"))
+    assert result.exit_code == 1 and "entry 1: params" in result.output and why in result.output, result.output
+    assert "Traceback" not in result.output
+    assert Store(tmp_path / "c.db").rows() == []
