@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from copytune.cache.store import Store
+from copytune.cache.store import WINNER_COLUMNS, Store
 from copytune.signature import MODES, make_key
 
 FORMAT = "copytune-bundle"
@@ -74,6 +74,9 @@ def _check_entry(e: Any) -> None:
 
     if not isinstance(e, dict):
         raise TypeError("not an object")
+    unknown = sorted(set(e) - set(WINNER_COLUMNS))  # exact names: SQLite would take "STRATEGY" as strategy
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; an entry holds exactly {sorted(WINNER_COLUMNS)}")
     for name in ("key", "mode", "strategy", "tuned_at", "copytune_version"):
         if not isinstance(e.get(name), str) or not e[name]:
             raise TypeError(f"{name} must be a non-empty string")

@@ -188,3 +188,12 @@ def test_parameters_a_strategy_cannot_run_are_refused_and_nothing_is_written(tmp
     assert result.exit_code == 1 and "entry 1: params" in result.output and why in result.output, result.output
     assert "Traceback" not in result.output
     assert Store(tmp_path / "c.db").rows() == []
+
+
+@pytest.mark.parametrize("extra", [{"STRATEGY": "torch_foreach"}, {"Time_us": -1}, {"PARAMS": {}}, {"note": "x"}])
+def test_fields_that_are_not_columns_are_refused_by_name(tmp_path, extra):
+    """SQLite matches column names without case: "Time_us": -1 would overwrite time_us. Only exact names import."""
+    path = write_bundle(tmp_path / "b.json", [{**entry(32), **extra}])
+    result = cli("import", path, "--cache", str(tmp_path / "c.db"))
+    assert result.exit_code == 1 and f"entry 0: unknown fields {sorted(extra)}" in result.output, result.output
+    assert Store(tmp_path / "c.db").rows() == []
