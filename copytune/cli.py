@@ -63,9 +63,11 @@ cache_option = click.option(
 
 
 def _open_store(cache_path):
+    """The cache as read-only commands (and ``clear``) see it: a file that does not exist reads as empty and is
+    not created."""
     from copytune.cache.store import Store
 
-    store = Store(cache_path)
+    store = Store(cache_path, create=False)
     rows = store.rows()
     if store.disabled:
         raise click.ClickException(f"cannot read the cache: {store.disabled}")
@@ -130,8 +132,11 @@ def export_cmd(file: str, all_devices: bool, as_json: bool, cache_path: str | No
     if file == "-":
         click.echo(text)
         return
-    with open(file, "w") as f:
-        f.write(text + "\n")
+    try:
+        with open(file, "w") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {file}: {exc.strerror or exc}") from None
     click.echo(json.dumps({"path": file, "entries": len(rows)}) if as_json
                else f"exported {len(rows)} entries to {file}")
 
@@ -151,7 +156,7 @@ def import_cmd(file: str, replace: bool, dry_run: bool, cache_path: str | None) 
     from copytune.cache.store import Store
 
     try:
-        plan = import_file(file, Store(cache_path), replace=replace, dry_run=dry_run)
+        plan = import_file(file, Store(cache_path, create=not dry_run), replace=replace, dry_run=dry_run)
     except BundleError as exc:
         raise click.ClickException(f"{file}: {exc}") from None
     click.echo(("would import: " if dry_run else "imported: ") + plan.summary())

@@ -104,3 +104,26 @@ def test_bench_call_site_check_catches_wrong_bytes():
 def test_every_command_explains_itself_with_an_example():
     for name, command in main.commands.items():
         assert "Example: copytune" in (command.help or ""), name
+
+
+@pytest.mark.parametrize("args", [["show"], ["show", "--json"], ["export", "-"], ["clear"]])
+def test_read_only_commands_create_no_cache_file(tmp_path, args):
+    path = tmp_path / "nowhere" / "cache.db"
+    result = CliRunner().invoke(main, [*args, "--cache", str(path)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_import_dry_run_creates_no_cache_file(tmp_path):
+    bundle = tmp_path / "b.json"
+    assert CliRunner().invoke(main, ["export", str(bundle), "--cache", str(tmp_path / "src.db")]).exit_code == 0
+    path = tmp_path / "nowhere" / "cache.db"
+    result = CliRunner().invoke(main, ["import", str(bundle), "--dry-run", "--cache", str(path)])
+    assert result.exit_code == 0 and "would import" in result.output, result.output
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_export_into_a_missing_folder_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "missing" / "b.json"), "--cache",
+                                       str(tmp_path / "c.db")])
+    assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output

@@ -29,6 +29,10 @@ class CacheUnavailable(RuntimeError):
     """The cache file cannot be used; the reason is the message."""
 
 
+class _Absent(Exception):
+    """No cache file, and this store may not create one: it reads as empty."""
+
+
 def default_path() -> Path:
     """``$COPYTUNE_CACHE``, else ``$XDG_CACHE_HOME/copytune/cache.db`` (``~/.cache`` by default)."""
     if os.environ.get("COPYTUNE_CACHE"):
@@ -40,8 +44,11 @@ def default_path() -> Path:
 class Store:
     """Winners by key. Opened lazily; every method degrades to a miss/no-op once the file proved unusable."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True):
+        """``create=False``: never create the file or its folder (read-only commands, dry runs); a missing file
+        reads as empty."""
         self.path = Path(path) if path is not None else default_path()
+        self.create = create
         self.disabled: str | None = None  # the reason, once the file proved unusable
         self._db: sqlite_utils.Database | None = None
         self._lock = threading.Lock()
@@ -53,11 +60,15 @@ class Store:
             return self._db
         try:
             self._db = self._connect()
-        except (CacheUnavailable, sqlite3.Error, OSError) as exc:
+        except _Absent:
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, the serving path must not go down
             self._disable(f"{type(exc).__name__}: {exc}" if not isinstance(exc, CacheUnavailable) else str(exc))
         return self._db
 
     def _connect(self) -> sqlite_utils.Database:
+        if not self.create and not self.path.exists():
+            raise _Absent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         db = sqlite_utils.Database(conn)
@@ -66,12 +77,14 @@ class Store:
             raise CacheUnavailable(f"{self.path} is an SQLite file of something else (tables: {sorted(tables)})")
         if "meta" in tables:
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-            version = int(row[0]) if row else None
-            if version != SCHEMA_VERSION:
-                raise CacheUnavailable(f"{self.path} has cache schema {version}; this copytune reads {SCHEMA_VERSION}")
+            raw = row[0] if row else None
+            if str(raw) != str(SCHEMA_VERSION):  # 'abc', '2.0', NULL, 2: all foreign to this copytune
+                raise CacheUnavailable(f"{self.path} has cache schema {raw}; this copytune reads {SCHEMA_VERSION}")
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
             self._warn("wal", f"copytune cache {self.path}: WAL mode unavailable, concurrent writers will queue")
+        if not tables and not self.create:
+            raise _Absent  # an empty SQLite file: nothing to read, and nothing is written into it
         if not tables:
             with conn:  # one transaction: concurrent creators see both tables or neither
                 conn.execute("BEGIN IMMEDIATE")

@@ -108,3 +108,25 @@ def test_unwritable_location_warns_and_continues(tmp_path):
     with pytest.warns(RuntimeWarning, match="disabled"):
         store.put(row())
     assert store.get("k1") is None and store.rows() == []
+
+
+@pytest.mark.parametrize("version", ["'abc'", "'2.0'", "NULL", "2"])
+def test_a_foreign_schema_version_of_any_type_disables_the_cache_and_copies_still_run(tmp_path, version):
+    """A non-integer schema_version made every batched_copy raise: now it is one warning and memory only."""
+    import torch
+
+    from copytune import Dispatcher
+
+    path = tmp_path / "cache.db"
+    before = _cache_bytes(path, f"UPDATE meta SET value = {version} WHERE name = 'schema_version'")
+    src, dst = torch.arange(6), torch.zeros(6, dtype=torch.int64)
+    with pytest.warns(RuntimeWarning, match="cache disabled.*has cache schema"):
+        Dispatcher(path).copy([(src, dst)])
+    assert torch.equal(src, dst) and path.read_bytes() == before
+
+
+def test_read_only_stores_create_nothing(tmp_path):
+    path = tmp_path / "new" / "folder" / "cache.db"
+    store = Store(path, create=False)
+    assert store.rows() == [] and store.get("k") is None and store.delete() == 0
+    assert not path.exists() and not (tmp_path / "new").exists() and store.disabled is None
