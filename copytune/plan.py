@@ -180,29 +180,54 @@ def extent(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_overlaps(pairs, extents) -> None:
-    """Sort the byte extents and test neighbours (O(k log k)); exact byte sets only where extents meet, which in a
-    valid batch means interleaved slices of one buffer."""
+    """Sort the byte extents and sweep them into groups that meet (O(k log k)); exact byte sets only inside a
+    group, which in a valid batch means interleaved slices of one buffer: one sweep over all of the group's
+    element intervals, so k interleaved destinations cost O(n log n) in their elements, not k² tests."""
     spans = []
     for (se, de, i) in extents:
-        if extents_meet(se, de):
-            s, d = pairs[i]
-            if not _same_view(s, d) and bytes_meet(s, d):
-                raise ValueError(f"pair {i}: source and destination partially overlap")
+        s, d = pairs[i]
+        same = _same_view(s, d)
+        if extents_meet(se, de) and not same and bytes_meet(s, d):
+            raise ValueError(f"pair {i}: source and destination partially overlap")
         spans.append((de[0], de[1], i, "destination"))
-        spans.append((se[0], se[1], i, "source"))
+        if not same:  # an exact self-copy's source is its destination: checked as that
+            spans.append((se[0], se[1], i, "source"))
     spans.sort()
-    for a, (_, hi, i, role) in enumerate(spans):
-        for lo2, _, j, role2 in spans[a + 1:]:
-            if lo2 >= hi:
-                break
-            if i == j or role == role2 == "source":
-                continue
-            first, second = (i, role), (j, role2)
-            if second < first:
-                first, second = second, first
-            if bytes_meet(pairs[first[0]][first[1] == "destination"], pairs[second[0]][second[1] == "destination"]):
-                (i1, r1), (j1, r2) = first, second
-                raise ValueError(f"pair {j1}: {r2} overlaps the {r1} of pair {i1}")
+    group: list[tuple] = []
+    reach = -1
+    for span in spans:
+        if group and span[0] >= reach:
+            _check_group(pairs, group)
+            group = []
+        reach = span[1] if not group else max(reach, span[1])
+        group.append(span)
+    _check_group(pairs, group)
+
+
+def _check_group(pairs, group: list[tuple]) -> None:
+    """Raise if any destination byte in ``group`` (spans whose extents meet) is also a byte of another span."""
+    if len(group) < 2 or all(role == "source" for *_, role in group):
+        return
+    views = [pairs[i][role == "destination"] for _, _, i, role in group]
+    intervals = [_byte_intervals(v) for v in views]
+    iv = torch.cat(intervals)
+    owner = torch.cat([torch.full((len(x),), n, dtype=torch.int64) for n, x in enumerate(intervals)])
+    is_dst = torch.tensor([role == "destination" for *_, role in group])[owner]
+    order = torch.argsort(iv[:, 0], stable=True)
+    start, end, owner, is_dst = iv[order, 0], iv[order, 1], owner[order], is_dst[order]
+    # each interval against the furthest-reaching earlier destination interval, then each destination interval
+    # against the furthest-reaching earlier source interval: together every overlap that involves a destination
+    for earlier_dst, check in ((True, torch.ones_like(is_dst)), (False, is_dst)):
+        reach = torch.where(is_dst == earlier_dst, end, torch.full_like(end, -1))
+        best, at = reach.cummax(0)
+        best = torch.cat((torch.full((1,), -1, dtype=torch.int64), best[:-1]))
+        at = torch.cat((torch.zeros(1, dtype=torch.int64), at[:-1]))
+        hit = torch.nonzero(check & (start < best))
+        if len(hit):
+            k = int(hit[0])
+            a, b = group[int(owner[at[k]])], group[int(owner[k])]
+            (i1, r1), (j1, r2) = sorted([(a[2], a[3]), (b[2], b[3])])
+            raise ValueError(f"pair {j1}: {r2} overlaps the {r1} of pair {i1}")
 
 
 def extents_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -118,3 +118,57 @@ def test_row_geometry_covers_exactly_the_destination_bytes(views):
            for r in range(d.rows) for b in range(d.row_bytes)]
     assert sorted(got) == sorted((lo + k, lo + k + 1) for lo, hi in want for k in range(hi - lo))
     assert d.nbytes == dst.numel() * dst.element_size()
+
+
+def test_many_interleaved_destinations_are_validated_in_one_sweep(monkeypatch):
+    """1000 column slices of one buffer meet each other's extents: the exact check is one sweep over their
+    elements (element intervals built once per tensor), not a test per pair of slices."""
+    import copytune.plan as plan_module
+
+    built = []
+    real = plan_module._byte_intervals
+    monkeypatch.setattr(plan_module, "_byte_intervals", lambda t: built.append(1) or real(t))
+    buf = torch.zeros(8, 1000, dtype=torch.int32)
+    pairs = [(torch.full((8,), k, dtype=torch.int32), buf[:, k]) for k in range(1000)]
+    CopyPlan.from_pairs(pairs)
+    assert len(built) <= 1000
+    with pytest.raises(ValueError, match="pair 1000: destination overlaps the destination of pair 7"):
+        CopyPlan.from_pairs(pairs + [(torch.ones(8, dtype=torch.int32), buf[:, 7])])
+
+
+def test_overlap_verdicts_match_a_byte_by_byte_reference():
+    """Random strided views into one small buffer as sources and destinations: the batch is refused exactly when
+    some destination byte is also a byte of another pair's source or destination (or a pair partially overlaps
+    itself), as a set-of-bytes reference says."""
+    g = torch.Generator().manual_seed(7)
+    buf = torch.zeros(4096, dtype=torch.uint8)
+
+    def view():
+        rows, cols = (int(x) for x in torch.randint(1, 5, (2,), generator=g))
+        stride = int(torch.randint(cols, cols + 40, (1,), generator=g))
+        off = int(torch.randint(0, 4096 - rows * stride, (1,), generator=g))
+        return buf[off:].as_strided((rows, cols), (stride, 1)), rows, cols
+
+    def bytes_of(t):
+        return {t.data_ptr() + i * t.stride(0) + j for i in range(t.shape[0]) for j in range(t.shape[1])}
+
+    refused = accepted = 0
+    for _ in range(300):
+        pairs = []
+        for _ in range(int(torch.randint(2, 6, (1,), generator=g))):
+            d, rows, cols = view()
+            s = torch.zeros(rows, cols, dtype=torch.uint8) if int(torch.randint(0, 2, (1,), generator=g)) \
+                else buf[int(torch.randint(0, 2000, (1,), generator=g)):].as_strided((rows, cols), d.stride())
+            pairs.append((s, d))
+        conflict = any(
+            bytes_of(pairs[i][1]) & bytes_of(pairs[j][r]) for i in range(len(pairs)) for j in range(len(pairs))
+            for r in (0, 1) if i != j) or any(
+            (bytes_of(s) & bytes_of(d)) and bytes_of(s) != bytes_of(d) for s, d in pairs)
+        try:
+            CopyPlan.from_pairs(pairs)
+            accepted += 1
+            assert not conflict
+        except ValueError as exc:
+            refused += 1
+            assert conflict, exc
+    assert refused and accepted  # both verdicts exercised
