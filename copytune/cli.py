@@ -21,10 +21,7 @@ def info(device: str | None) -> None:
 
     Example: copytune info --device cuda:1
     """
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+    dev = _device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     click.echo(f"device   {dev} ({name})")
     click.echo(f"torch    {torch.__version__} (CUDA {torch.version.cuda or '-'})")
@@ -210,8 +207,6 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, engi
     """
     import json
 
-    import torch
-
     from copytune import benchmark
     from copytune.models import get_profile
 
@@ -221,7 +216,7 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, engi
         raise click.ClickException(str(exc)) from None
     sizes, lens = _int_list(batch_sizes), _int_list(max_lens)
     big = [] if large_mib.strip().lower() == "none" else _int_list(large_mib)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     ref = None
     if dev.type == "cuda":
         _build_quietly(dev)
@@ -268,6 +263,21 @@ def _engine_rows(version: str, sizes, lens, backends, dev) -> dict | None:
         return None
 
 
+def _device(name: str | None):
+    """``--device`` as a torch device that exists here (default: cuda if present, else cpu); one line if not."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise click.ClickException(f"--device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException(f"--device {name}: no CUDA device is visible to torch {torch.__version__}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.ClickException(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cuda", "cpu"):
+        raise click.ClickException(f"--device {name}: copytune runs on cuda or cpu")
+    return dev
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -298,8 +308,6 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -
     """
     import time  # noqa: PLC0415
 
-    import torch  # noqa: PLC0415
-
     from copytune import CopyPlan, Dispatcher  # noqa: PLC0415
     from copytune.models import get_profile  # noqa: PLC0415
 
@@ -309,7 +317,7 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -
         raise click.ClickException(str(exc)) from None
     sizes = _int_list(batch_sizes) if batch_sizes else list(profile.batch_sizes)
     lens = _int_list(max_lens) if max_lens else list(profile.max_lens)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     if dev.type == "cuda":
         _build_quietly(dev)
     modes = ["eager", "graph"] if mode == "both" else [mode]

@@ -72,15 +72,22 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
     timings: list[Timing] = []
     steps: dict[int, Callable[[int], None]] = {}
     for name, strategy in pool.items():
-        reason = strategy.available(device) or (None if strategy.supports(plan) else "does not support this batch")
+        try:
+            reason = strategy.available(device) or (None if strategy.supports(plan) else "does not support this batch")
+            candidates = [] if reason else strategy.candidates(plan)
+        except Exception as exc:  # noqa: BLE001 - a broken strategy is excluded with its reason, never fatal
+            reason = f"{type(exc).__name__}: {exc}"
         if reason:
             timings.append(Timing(name, {}, reason=reason))
             continue
-        for params in strategy.candidates(plan):
+        for params in candidates:
             timing, step = _measure(strategy, params, scratch, mode, timer, device)
             timings.append(timing)
             steps[id(timing)] = step
-    ok = [t for t in timings if t.time_us is not None]
+    ok = [t for t in timings if t.time_us is not None and math.isfinite(t.time_us) and t.time_us > 0]
+    if not ok:  # a NaN, infinite or non-positive time is no measurement
+        raise RuntimeError("no candidate ran exactly: " + "; ".join(
+            f"{t.strategy}: {t.reason or f'time {t.time_us}'}" for t in timings))
     best = min(ok, key=lambda t: t.time_us)
     if mode == "eager" and (gpu_tie_break if gpu_tie_break is not None else device.type == "cuda"):
         best = _least_gpu_time(best, ok, steps, timer, device)

@@ -127,3 +127,14 @@ def test_export_into_a_missing_folder_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path / "missing" / "b.json"), "--cache",
                                        str(tmp_path / "c.db")])
     assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["info"], ["tune", "--model", "nsa", "--batch-sizes", "1", "--max-len", "64"],
+                                     ["bench", "--bs", "1", "--max-len", "64", "--large", "none"]])
+@pytest.mark.parametrize("device", ["gpu", "cuda:99", "meta"])
+def test_a_device_that_is_not_here_is_one_line(tmp_path, command, device):
+    result = CliRunner().invoke(main, [*command, "--device", device, *(["--cache", str(tmp_path / "c.db")]
+                                                                        if command[0] == "tune" else [])])
+    assert result.exit_code == 1 and "--device" in result.output and "Traceback" not in result.output, \
+        result.output
+    assert not (tmp_path / "c.db").exists()

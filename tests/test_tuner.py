@@ -146,3 +146,41 @@ def test_gpu_tuning_times_every_strategy(mode):
     result = tune(plan, mode)
     assert not [t.reason for t in result.timings if t.reason], result.timings
     assert result.time_us <= result.baseline_us
+
+
+class Raising(Fake):
+    def __init__(self, name, where):
+        super().__init__(name)
+        self.where = where
+
+    def available(self, device):
+        if self.where == "available":
+            raise RuntimeError("driver probe failed")
+        return None
+
+    def supports(self, plan):
+        if self.where == "supports":
+            raise KeyError("layout")
+        return True
+
+
+@pytest.mark.parametrize("where", ["available", "supports"])
+def test_a_strategy_that_raises_while_asked_is_excluded_not_fatal(plan, where):
+    pool = {"broken": Raising("broken", where), "torch_per_copy": get_strategy("torch_per_copy")}
+    result = tune(plan, "eager", pool=pool, timer=scripted({"broken": 0.1, "torch_per_copy": 5.0}))
+    assert result.strategy == "torch_per_copy"
+    assert "broken" not in {t.strategy for t in result.timings if t.time_us is not None}
+    assert next(t for t in result.timings if t.strategy == "broken").reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, 0.0, math.inf])
+def test_a_time_that_is_no_measurement_never_wins(plan, bad):
+    pool = {"odd": Fake("odd"), "torch_per_copy": get_strategy("torch_per_copy")}
+    assert tune(plan, "eager", pool=pool, timer=scripted({"odd": bad, "torch_per_copy": 5.0})).strategy == \
+        "torch_per_copy"
+
+
+def test_when_nothing_runs_the_error_says_why(plan):
+    pool = {"bad": Fake("bad", raises="launch"), "torch_per_copy": Fake("torch_per_copy", wrong=True)}
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no candidate ran exactly: .*launch failed"):
+        tune(plan, "eager", pool=pool, timer=scripted({"bad": 1.0, "torch_per_copy": 2.0}))

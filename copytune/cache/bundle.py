@@ -22,6 +22,7 @@ FORMAT = "copytune-bundle"
 VERSION = 1
 MAX_BUNDLE_BYTES = 32 * 2**20  # a full NSA sweep for one device is ~100 KiB; refuse anything absurd
 MAX_ENTRIES = 100_000
+MAX_US = 1e12  # a time beyond this is no measurement (2**63 does not fit SQLite's REAL as an integer)
 LAYOUTS = ("1d", "2d", "strided", "nd")
 
 
@@ -52,6 +53,8 @@ def parse_bundle(data: bytes | str) -> list[dict[str, Any]]:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError("not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BundleError(f"not a {FORMAT} document")
     if doc.get("version") != VERSION:
@@ -64,8 +67,12 @@ def parse_bundle(data: bytes | str) -> list[dict[str, Any]]:
     for i, entry in enumerate(entries):
         try:
             _check_entry(entry)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise BundleError(f"entry {i}: {exc}") from None
+            json.dumps(entry, ensure_ascii=False).encode("utf-8")  # a lone surrogate would fail in SQLite
+        except UnicodeEncodeError:
+            raise BundleError(f"entry {i}: a text field is not valid Unicode (a lone surrogate)") from None
+        except (TypeError, ValueError, KeyError, RecursionError) as exc:
+            raise BundleError(f"entry {i}: {exc if not isinstance(exc, RecursionError) else 'nested too deeply'}") \
+                from None
     return entries
 
 
@@ -96,8 +103,8 @@ def _check_entry(e: Any) -> None:
     _check_signature(e.get("signature"))
     for name in ("time_us", "baseline_us"):
         v = e.get(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= MAX_US:
+            raise ValueError(f"{name} must be a number of µs in [0, {MAX_US:g}], got {v!r}")
     if e["time_us"] == 0:
         raise ValueError("time_us must be positive")
     if not isinstance(e.get("timings"), list) or not all(isinstance(t, dict) for t in e["timings"]):

@@ -128,7 +128,7 @@ class Store:
             return None
         try:
             return decode_row(row)
-        except (ValueError, TypeError, KeyError) as exc:
+        except ROW_ERRORS as exc:
             self._warn(f"bad-{key}", f"copytune cache row {key[:12]} ignored: {exc}")
             return None
 
@@ -155,7 +155,7 @@ class Store:
         for row in raw:
             try:
                 out.append(decode_row(row))
-            except (ValueError, TypeError, KeyError) as exc:
+            except ROW_ERRORS as exc:
                 self._warn(f"bad-{row.get('key')}", f"copytune cache row {str(row.get('key'))[:12]} ignored: {exc}")
         return out
 
@@ -184,6 +184,10 @@ def encode_row(row: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(out[field], str):
             out[field] = json.dumps(out[field], sort_keys=True)
     return out
+
+
+# Whatever a row holds is a miss, never a crash: RecursionError is what json gives a 100k-deep document.
+ROW_ERRORS = (ValueError, TypeError, KeyError, RecursionError, OverflowError)
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:

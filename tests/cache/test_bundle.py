@@ -197,3 +197,32 @@ def test_fields_that_are_not_columns_are_refused_by_name(tmp_path, extra):
     result = cli("import", path, "--cache", str(tmp_path / "c.db"))
     assert result.exit_code == 1 and f"entry 0: unknown fields {sorted(extra)}" in result.output, result.output
     assert Store(tmp_path / "c.db").rows() == []
+
+
+@pytest.mark.parametrize("name, make", [
+    ("time 1e400", lambda: json.dumps(make_bundle([entry(32)])).replace('"time_us": 5.0', '"time_us": 1e400')),
+    ("time 2**63", lambda: json.dumps(make_bundle([entry(32, time_us=2 ** 63)]))),
+    ("lone surrogate", lambda: json.dumps(make_bundle([{**entry(32), "tuned_at": "T"}])).replace('"T"', '"\\ud800"')),
+    ("deep json", lambda: json.dumps(make_bundle([entry(32)]))[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000
+     + "}"),
+])
+def test_hostile_values_are_one_line_and_change_nothing(tmp_path, name, make):
+    path = tmp_path / "b.json"
+    path.write_text(make())
+    result = cli("import", str(path), "--cache", str(tmp_path / "c.db"))
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.splitlines()) == 1, \
+        result.output
+    assert Store(tmp_path / "c.db").rows() == []
+
+
+def test_a_deeply_nested_cache_row_is_a_miss_not_a_crash(tmp_path):
+    import sqlite3
+
+    store = Store(tmp_path / "c.db")
+    store.put(entry(32))
+    conn = sqlite3.connect(tmp_path / "c.db")
+    conn.execute("UPDATE winners SET params = ?", ("[" * 100_000 + "]" * 100_000,))
+    conn.commit()
+    conn.close()
+    with pytest.warns(RuntimeWarning, match="ignored"):
+        assert Store(tmp_path / "c.db").get(entry(32)["key"]) is None
