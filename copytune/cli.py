@@ -321,6 +321,14 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -
     if dev.type == "cuda":
         _build_quietly(dev)
     modes = ["eager", "graph"] if mode == "both" else [mode]
+    if dev.type != "cuda":
+        click.echo("tuning on the CPU: these timings are stored under this CPU's own fingerprint and never "
+                   "applied to a GPU", err=True)
+        if "graph" in modes:
+            if mode == "graph":
+                raise click.ClickException("--mode graph needs a CUDA device (CUDA-graph capture)")
+            click.echo("graph mode skipped: CUDA graphs need a CUDA device", err=True)
+            modes = ["eager"]
     items = [(m, ml, bs) for m in modes for ml in lens for bs in sizes]
     dispatchers = {m: Dispatcher(cache_path, mode=m) for m in modes}
     rows, t0 = [], time.perf_counter()
@@ -337,8 +345,12 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -
             if row else f"{'-':>8} {'-':>9} {'-':>8}"
         click.echo(f"{m:<6} {ml:>7} {bs:>4} {choice.strategy:<18} {t} {choice.origin}")
     keys = len({r[-1] for r in rows})
-    click.echo(f"{len(items)} batches, {keys} keys, {time.perf_counter() - t0:.1f} s; "
-               f"cache: {dispatchers[modes[0]].store.path}")
+    store = dispatchers[modes[0]].store
+    click.echo(f"{len(items)} batches, {keys} keys, {time.perf_counter() - t0:.1f} s; cache: {store.path}")
+    unsaved = [key for *_, row, key in rows if row is None]
+    if store.disabled or unsaved:  # a provisioning script must not believe this node is tuned
+        raise click.ClickException(f"the winners were not saved to {store.path}: "
+                                   f"{store.disabled or f'{len(set(unsaved))} keys missing from the cache'}")
 
 
 def _build_quietly(device) -> None:

@@ -138,3 +138,26 @@ def test_a_device_that_is_not_here_is_one_line(tmp_path, command, device):
     assert result.exit_code == 1 and "--device" in result.output and "Traceback" not in result.output, \
         result.output
     assert not (tmp_path / "c.db").exists()
+
+
+def test_tune_that_could_not_save_exits_1(tmp_path):
+    """A provisioning script must not believe the node is tuned when the cache file is unusable."""
+    cache = tmp_path / "c.db"
+    cache.write_bytes(b"not a database, a user's notes\n" * 40)
+    result = CliRunner().invoke(main, ["tune", "--model", "nsa", "--batch-sizes", "1", "--max-len", "64", "--mode",
+                                       "eager", "--device", "cpu", "--cache", str(cache)])
+    assert result.exit_code == 1 and "the winners were not saved" in result.output, result.output
+    assert cache.read_bytes() == b"not a database, a user's notes\n" * 40
+
+
+def test_tune_on_a_cpu_says_so_and_skips_graph_mode(tmp_path):
+    cache = str(tmp_path / "c.db")
+    base = ["tune", "--model", "nsa", "--batch-sizes", "1", "--max-len", "64", "--device", "cpu", "--cache", cache]
+    result = CliRunner().invoke(main, [*base, "--mode", "both"])
+    assert result.exit_code == 0, result.output
+    assert "never applied to a GPU" in result.output and "graph mode skipped" in result.output
+    from copytune.cache.store import Store
+
+    assert {r["mode"] for r in Store(cache).rows()} == {"eager"}
+    graph = CliRunner().invoke(main, [*base, "--mode", "graph"])
+    assert graph.exit_code == 1 and "--mode graph needs a CUDA device" in graph.output
