@@ -72,6 +72,7 @@ class Dispatcher:
         self._keys: dict[tuple, str] = {}
         self._runners: dict[tuple, object] = {}  # exact addresses + geometry -> runner, oldest first
         self._lock = threading.RLock()
+        self._key_locks: dict[str, threading.Lock] = {}
 
     # -- choosing ---------------------------------------------------------------------------------------------
     def key(self, plan: CopyPlan) -> str:
@@ -87,11 +88,15 @@ class Dispatcher:
         key = self.key(plan)
         choice = self._table.get(key)
         if choice is None:
-            with self._lock:
+            with self._key_lock(key):  # one tuner per key; lookups and tuning of other keys go on meanwhile
                 choice = self._table.get(key) or self._forced(plan) or self._cached(key, plan) \
                     or self._tuned(key, plan) or Choice(default_strategy(plan), {}, "default")
                 self._table[key] = choice
         return choice
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
 
     def _forced(self, plan: CopyPlan) -> Choice | None:
         s = self._pinned

@@ -312,3 +312,29 @@ def test_every_candidate_a_strategy_offers_passes_its_own_validation():
     for name, strategy in strategies().items():
         for params in strategy.candidates(plan):
             assert strategy.validate_params(params) is None, (name, params)
+
+
+def test_tuning_one_key_never_blocks_another_keys_choice(tmp_path, monkeypatch):
+    """A slow tune of one signature holds only that signature: another thread's new signature is chosen (and
+    tuned) meanwhile, not after it."""
+    import threading
+
+    from copytune import tuner
+
+    release, order = threading.Event(), []
+    real_tune = tuner.tune
+
+    def tune(plan, mode, **kw):
+        if len(plan.pairs) == 2:  # the slow key: waits until the other key was served
+            assert release.wait(30)
+            order.append("slow")
+        return real_tune(plan, mode, **kw)
+    monkeypatch.setattr(tuner, "tune", tune)
+    d = Dispatcher(tmp_path / "c.db", pool=torch_only_pool())
+    slow = threading.Thread(target=lambda: d.choose(CopyPlan.from_pairs(pairs_of(4))))
+    slow.start()
+    d.choose(CopyPlan.from_pairs(pairs_of(4)[:1]))  # a different signature, tuned while the slow one waits
+    order.append("other")
+    release.set()
+    slow.join(30)
+    assert order == ["other", "slow"]
