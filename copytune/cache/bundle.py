@@ -139,26 +139,31 @@ class MergePlan:
     added: int = 0
     replaced: int = 0
     kept: int = 0
+    replace: bool = False
+
+    def take(self, new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+        """Per key: a new entry is added; an existing one is replaced if ``replace`` or the new one is faster."""
+        if old is None:
+            self.added += 1
+        elif self.replace or new["time_us"] < old["time_us"]:
+            self.replaced += 1
+        else:
+            self.kept += 1
+            return False
+        self.rows.append(new)
+        return True
 
     def summary(self) -> str:
         return f"{self.added} added, {self.replaced} replaced, {self.kept} kept"
 
 
 def plan_merge(store: Store, entries: list[dict[str, Any]], replace: bool = False) -> MergePlan:
-    """Per key: new entries are added; an existing one is replaced if ``replace`` or the new one is faster."""
-    plan = MergePlan()
+    """What merging ``entries`` would do now (a dry run): see ``MergePlan.take``."""
+    plan = MergePlan(replace=replace)
     existing = {r["key"]: r for r in store.rows()}
     for e in entries:
-        old = existing.get(e["key"])
-        if old is None:
-            plan.added += 1
-        elif replace or e["time_us"] < old["time_us"]:
-            plan.replaced += 1
-        else:
-            plan.kept += 1
-            continue
-        plan.rows.append(e)
-        existing[e["key"]] = e
+        if plan.take(e, existing.get(e["key"])):
+            existing[e["key"]] = e
     return plan
 
 
@@ -169,9 +174,12 @@ def import_file(path: str | Path, store: Store, replace: bool = False, dry_run: 
     if size > MAX_BUNDLE_BYTES:
         raise BundleError(f"bundle is {size} bytes; the limit is {MAX_BUNDLE_BYTES}")
     entries = parse_bundle(path.read_bytes())
-    plan = plan_merge(store, entries, replace)
+    if dry_run:
+        plan = plan_merge(store, entries, replace)
+    else:
+        plan = MergePlan(replace=replace)
+        if store.merge_many(entries, plan.take) is None:
+            raise BundleError(f"cannot write the cache {store.path}: {store.disabled or 'it stayed locked'}")
     if store.disabled:
         raise BundleError(f"cannot use the cache: {store.disabled}")
-    if not dry_run and plan.rows and not store.put_many(plan.rows):
-        raise BundleError(f"cannot write the cache {store.path}: {store.disabled or 'it stayed locked'}")
     return plan

@@ -148,6 +148,30 @@ class Store:
             return True
         return bool(self._run("write", write, default=False))
 
+    def merge_many(self, rows: list[dict[str, Any]], take) -> list[dict[str, Any]] | None:
+        """In one write transaction: read what is stored under ``rows``' keys, keep each row ``take(new, old)``
+        accepts (``old`` None when absent or unreadable) and write those. Reading inside the transaction is what
+        lets two concurrent merges of the same keys end with the faster entry. The taken rows; None if it could not
+        write."""
+        def merge(db):
+            with db.conn:
+                db.conn.execute("BEGIN IMMEDIATE")
+                current = {}
+                for raw in db["winners"].rows:
+                    try:
+                        current[raw["key"]] = decode_row(raw)
+                    except ROW_ERRORS:
+                        continue  # unreadable: replaced by whatever the merge brings
+                taken = []
+                for row in rows:
+                    if take(row, current.get(row["key"])):
+                        taken.append(row)
+                        current[row["key"]] = row
+                if taken:
+                    db["winners"].upsert_all([encode_row(r) for r in taken], pk="key")
+            return taken
+        return self._run("write", merge)
+
     def rows(self) -> list[dict[str, Any]]:
         """Every valid row, decoded; invalid rows are skipped with a warning."""
         raw = self._run("read", lambda db: list(db["winners"].rows), default=[])

@@ -226,3 +226,23 @@ def test_a_deeply_nested_cache_row_is_a_miss_not_a_crash(tmp_path):
     conn.close()
     with pytest.warns(RuntimeWarning, match="ignored"):
         assert Store(tmp_path / "c.db").get(entry(32)["key"]) is None
+
+
+def test_concurrent_imports_of_the_same_keys_keep_the_faster_entries(tmp_path):
+    """Two processes importing a fast and a slow bundle at once: the merge reads and writes in one transaction,
+    so the faster entry stands whichever finishes last (before, 1 run in 6 kept the slower)."""
+    import os
+    import subprocess
+    import sys
+
+    fast = write_bundle(tmp_path / "fast.json", [entry(bs, time_us=1.0) for bs in (8, 16, 32, 64)])
+    slow = write_bundle(tmp_path / "slow.json", [entry(bs, time_us=9.0) for bs in (8, 16, 32, 64)])
+    for attempt in range(4):
+        cache = tmp_path / f"c{attempt}.db"
+        Store(cache).put(entry(8, time_us=5.0))  # the file exists: both processes merge into it
+        procs = [subprocess.Popen([sys.executable, "-m", "copytune", "import", b, "--cache", str(cache)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+                 for b in ((fast, slow) if attempt % 2 else (slow, fast))]
+        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert sorted(r["time_us"] for r in Store(cache).rows()) == [1.0] * 4, outs
