@@ -298,8 +298,9 @@ def _int_list(text: str) -> list[int]:
 @click.option("--forward-mode", type=click.Choice(["decode", "target_verify", "draft_extend"]), default="decode",
               show_default=True, help="Which replay step's copies.")
 @click.option("--device", default=None, help="Device (default: cuda if present, else cpu).")
+@click.option("--retune", is_flag=True, help="Time every key again and replace the stored winners.")
 @cache_option
-def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -> None:
+def tune(model, batch_sizes, max_lens, mode, forward_mode, device, retune, cache_path) -> None:
     """Pre-tune a machine: time every strategy on a model's copy batches and store the winners.
 
     Idempotent: entries already in the cache are reused, so a second run takes seconds.
@@ -331,13 +332,15 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, cache_path) -
             modes = ["eager"]
     items = [(m, ml, bs) for m in modes for ml in lens for bs in sizes]
     dispatchers = {m: Dispatcher(cache_path, mode=m) for m in modes}
-    rows, t0 = [], time.perf_counter()
+    rows, t0, retuned = [], time.perf_counter(), set()
     with click.progressbar(items, label=f"tuning {model} ({forward_mode})", file=click.get_text_stream("stderr"),
                            item_show_func=lambda it: it and f"{it[0]} max_len={it[1]} bs={it[2]}") as bar:
         for m, ml, bs in bar:
             d = dispatchers[m]
             plan = CopyPlan.from_pairs(profile.example_pairs(bs, ml, forward_mode, dev))
-            choice, key = d.choose(plan), d.key(plan)
+            key = d.key(plan)
+            choice = d.choose(plan, retune=retune and key not in retuned)
+            retuned.add(key)
             rows.append((m, ml, bs, choice, d.store.get(key), key))
     click.echo(f"\n{'mode':<6} {'max_len':>7} {'bs':>4} {'winner':<18} {'µs':>8} {'torch µs':>9} {'speedup':>8} origin")
     for m, ml, bs, choice, row, _ in rows:

@@ -83,15 +83,23 @@ class Dispatcher:
             key = self._keys[memo] = make_key(device_fingerprint(plan.device), sig, self.mode)
         return key
 
-    def choose(self, plan: CopyPlan) -> Choice:
-        """The strategy and parameters for ``plan``: memory, else cache, else tune (if allowed), else default."""
+    def choose(self, plan: CopyPlan, *, retune: bool = False) -> Choice:
+        """The strategy and parameters for ``plan``: memory, else cache, else tune (if allowed), else default.
+
+        ``retune``: time the candidates again (even with ``tune=False``) and replace what memory and the cache
+        hold for this key — after a driver or library upgrade, or to overwrite a noisy measurement.
+        """
         key = self.key(plan)
-        choice = self._table.get(key)
+        choice = None if retune else self._table.get(key)
         if choice is None:
             with self._key_lock(key):  # one tuner per key; lookups and tuning of other keys go on meanwhile
-                choice = self._table.get(key) or self._forced(plan) or self._cached(key, plan) \
-                    or self._tuned(key, plan) or Choice(default_strategy(plan), {}, "default")
+                choice = None if retune else self._table.get(key)
+                choice = choice or self._forced(plan) or (None if retune else self._cached(key, plan)) \
+                    or self._tuned(key, plan, force=retune) or Choice(default_strategy(plan), {}, "default")
                 self._table[key] = choice
+                if retune:
+                    with self._lock:
+                        self._runners.clear()  # runners bound to the old winner
         return choice
 
     def _key_lock(self, key: str) -> threading.Lock:
@@ -134,8 +142,8 @@ class Dispatcher:
             self._table[row["key"]] = Choice(row["strategy"], row["params"], "cache")
         return True
 
-    def _tuned(self, key: str, plan: CopyPlan) -> Choice | None:
-        if not self.tune or not plan.pairs:
+    def _tuned(self, key: str, plan: CopyPlan, force: bool = False) -> Choice | None:
+        if not (self.tune or force) or not plan.pairs:
             return None
         from copytune import tuner
 

@@ -161,3 +161,20 @@ def test_tune_on_a_cpu_says_so_and_skips_graph_mode(tmp_path):
     assert {r["mode"] for r in Store(cache).rows()} == {"eager"}
     graph = CliRunner().invoke(main, [*base, "--mode", "graph"])
     assert graph.exit_code == 1 and "--mode graph needs a CUDA device" in graph.output
+
+
+def test_tune_retune_times_every_key_again(tmp_path):
+    from copytune.cache.store import Store
+
+    cache = str(tmp_path / "c.db")
+    args = ["tune", "--model", "nsa", "--batch-sizes", "1,3,4", "--max-len", "64", "--mode", "eager", "--device",
+            "cpu", "--cache", cache]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    stamps = {r["key"]: r["tuned_at"] for r in Store(cache).rows()}
+    import time
+
+    time.sleep(1.1)  # tuned_at has one-second resolution
+    result = CliRunner().invoke(main, [*args, "--retune"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split("origin", 1)[1].count("tuned") == 3  # every batch, each key timed once
+    assert all(r["tuned_at"] > stamps[r["key"]] for r in Store(cache).rows())

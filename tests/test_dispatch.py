@@ -338,3 +338,22 @@ def test_tuning_one_key_never_blocks_another_keys_choice(tmp_path, monkeypatch):
     release.set()
     slow.join(30)
     assert order == ["other", "slow"]
+
+
+def test_retune_replaces_the_stored_winner(tmp_path):
+    """``choose(plan, retune=True)`` times the candidates again and overwrites memory and the cache; without it
+    the stored winner stands."""
+    pool = {"torch_foreach": get_strategy("torch_foreach"), "torch_per_copy": get_strategy("torch_per_copy")}
+
+    def timer(times):
+        it = iter(times)
+        return lambda step, mode, device: step(0) or next(it)
+    plan = CopyPlan.from_pairs(pairs_of(4)[:1])
+    first = Dispatcher(tmp_path / "c.db", pool=pool, timer=timer([1.0, 5.0]))
+    assert first.choose(plan).strategy == "torch_foreach"
+    again = Dispatcher(tmp_path / "c.db", pool=pool, timer=timer([5.0, 1.0]))
+    assert again.choose(plan).strategy == "torch_foreach"  # the cache
+    retuned = again.choose(plan, retune=True)
+    assert (retuned.strategy, retuned.origin) == ("torch_per_copy", "tuned")
+    assert Store(tmp_path / "c.db").get(again.key(plan))["strategy"] == "torch_per_copy"
+    assert Dispatcher(tmp_path / "c.db", tune=False).choose(plan).strategy == "torch_per_copy"

@@ -184,3 +184,53 @@ def test_when_nothing_runs_the_error_says_why(plan):
     pool = {"bad": Fake("bad", raises="launch"), "torch_per_copy": Fake("torch_per_copy", wrong=True)}
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no candidate ran exactly: .*launch failed"):
         tune(plan, "eager", pool=pool, timer=scripted({"bad": 1.0, "torch_per_copy": 2.0}))
+
+
+class Flaky(Fake):
+    """Copies exactly except on some calls (every ``every``-th, or every call from the ``after``-th on), or writes
+    into its source."""
+
+    def __init__(self, name, *, every=0, after=0, scribbles=False):
+        super().__init__(name)
+        self.every, self.after, self.scribbles, self.calls = every, after, scribbles, 0
+
+    def bind(self, plan, params=None):
+        dsts = [d for _, d in plan.pairs]
+
+        def launch(srcs=None):
+            self.calls += 1
+            LAST.append(self.name)
+            for s, d in zip(srcs, dsts):
+                d.copy_(s)
+            wrong = (self.every and self.calls % self.every == 0) or (self.after and self.calls > self.after)
+            if wrong and dsts[0].numel():
+                dsts[0].view(-1)[0] += 1
+            if self.scribbles:
+                srcs[0].view(-1)[0] += 1
+        return launch
+
+
+@pytest.mark.parametrize("fake, why", [
+    (Flaky("flaky", every=4), "wrong bytes"),
+    (Flaky("flaky", after=3), "wrong bytes"),
+    (Flaky("flaky", scribbles=True), "source of pair 0 was written"),
+])
+def test_a_candidate_wrong_now_and_then_or_writing_its_source_never_wins(plan, fake, why):
+    pool = {"flaky": fake, "torch_per_copy": get_strategy("torch_per_copy")}
+    with pytest.warns(RuntimeWarning, match="flaky .* excluded"):
+        result = tune(plan, "eager", pool=pool, timer=scripted({"flaky": 0.1, "torch_per_copy": 5.0}))
+    assert result.strategy == "torch_per_copy"
+    assert why in next(t for t in result.timings if t.strategy == "flaky").reason
+
+
+def test_a_candidate_that_goes_wrong_during_timing_is_caught_after_it(plan):
+    fake = Flaky("late", after=9)  # exact through the 8 checks before timing, wrong from the timed calls on
+    pool = {"late": fake, "torch_per_copy": get_strategy("torch_per_copy")}
+
+    def timer(step, mode, device):
+        LAST.clear()
+        for i in range(5):
+            step(i)
+        return {"late": 0.1}.get(LAST[-1], 5.0) if LAST else 5.0
+    with pytest.warns(RuntimeWarning, match="late .* excluded"):
+        assert tune(plan, "eager", pool=pool, timer=timer).strategy == "torch_per_copy"
