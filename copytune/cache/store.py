@@ -75,6 +75,10 @@ class Store:
         tables = set(db.table_names())  # raises DatabaseError on a corrupt or non-SQLite file
         if tables and not {"winners", "meta"} <= tables:
             raise CacheUnavailable(f"{self.path} is an SQLite file of something else (tables: {sorted(tables)})")
+        if tables:  # before anything could write: sqlite-utils' upsert probe commits into a damaged file
+            problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise CacheUnavailable(f"{self.path} is damaged ({problem}); it is left as it is")
         if "meta" in tables:
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             raw = row[0] if row else None

@@ -130,3 +130,23 @@ def test_read_only_stores_create_nothing(tmp_path):
     store = Store(path, create=False)
     assert store.rows() == [] and store.get("k") is None and store.delete() == 0
     assert not path.exists() and not (tmp_path / "new").exists() and store.disabled is None
+
+
+def test_a_damaged_table_page_is_found_before_anything_writes(tmp_path):
+    """Garbage in the winners table's root page: the store refuses the file at open (one warning) and never
+    writes into it — sqlite-utils' upsert probe created, committed and dropped a table there before."""
+    import os
+
+    path = tmp_path / "cache.db"
+    _cache_bytes(path)
+    conn = sqlite3.connect(path)
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'winners'").fetchone()[0]
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * page:root * page] = os.urandom(page)
+    path.write_bytes(bytes(data))
+    store = Store(path)
+    with pytest.warns(RuntimeWarning, match="damaged|malformed"):
+        store.put(row("k2"))
+    assert path.read_bytes() == bytes(data) and store.disabled
