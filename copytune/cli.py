@@ -331,7 +331,10 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, retune, cache
             click.echo("graph mode skipped: CUDA graphs need a CUDA device", err=True)
             modes = ["eager"]
     items = [(m, ml, bs) for m in modes for ml in lens for bs in sizes]
-    dispatchers = {m: Dispatcher(cache_path, mode=m) for m in modes}
+    from copytune.cache.store import Store  # noqa: PLC0415
+
+    # a command may wait for another process's write (the serving default would skip the row instead)
+    dispatchers = {m: Dispatcher(cache_path, mode=m, store=Store(cache_path)) for m in modes}
     rows, t0, retuned = [], time.perf_counter(), set()
     with click.progressbar(items, label=f"tuning {model} ({forward_mode})", file=click.get_text_stream("stderr"),
                            item_show_func=lambda it: it and f"{it[0]} max_len={it[1]} bs={it[2]}") as bar:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from copytune.cache.store import Store
+from copytune.cache.store import SERVING_BUSY_TIMEOUT_S, Store
 from copytune.kernels import UnsupportedPlan, get_strategy, strategies
 from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.signature import MODES, device_fingerprint, make_key, shape_signature
@@ -65,7 +65,8 @@ class Dispatcher:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.tune = mode, tune
-        self.store = store if store is not None else Store(cache_path)
+        # the serving path never waits long on another process's cache write (SERVING_BUSY_TIMEOUT_S)
+        self.store = store if store is not None else Store(cache_path, busy_timeout_s=SERVING_BUSY_TIMEOUT_S)
         self._timer, self._pool = timer, pool
         self._pinned = get_strategy(strategy) if strategy is not None else None
         self._table: dict[str, Choice] = {}

@@ -357,3 +357,28 @@ def test_retune_replaces_the_stored_winner(tmp_path):
     assert (retuned.strategy, retuned.origin) == ("torch_per_copy", "tuned")
     assert Store(tmp_path / "c.db").get(again.key(plan))["strategy"] == "torch_per_copy"
     assert Dispatcher(tmp_path / "c.db", tune=False).choose(plan).strategy == "torch_per_copy"
+
+
+def test_the_serving_path_never_waits_long_on_a_locked_cache(tmp_path):
+    """Another process holds the cache's write lock: a serving call's tune still copies exactly, its row is
+    skipped with one warning after SERVING_BUSY_TIMEOUT_S (not the commands' 10 s)."""
+    import sqlite3
+
+    from copytune.cache.store import BUSY_TIMEOUT_S, SERVING_BUSY_TIMEOUT_S
+
+    path = tmp_path / "cache.db"
+    Store(path).put({"key": "x", "device": {"kind": "cpu"},
+                     "signature": [[4, "1d", 1, 4, 16]], "mode": "eager", "strategy": "torch_foreach", "params": {},
+                     "time_us": 1.0, "baseline_us": 2.0, "timings": [], "tuned_at": "t", "copytune_version": "0"})
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer in another process, mid-transaction
+    try:
+        d = Dispatcher(path, pool=torch_only_pool())
+        assert d.store.busy_timeout_s == SERVING_BUSY_TIMEOUT_S < BUSY_TIMEOUT_S
+        pairs = pairs_of(4)
+        with pytest.warns(RuntimeWarning, match="stayed locked"):
+            d.copy(pairs)
+        assert all(torch.equal(s, t) for s, t in pairs)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

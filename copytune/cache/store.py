@@ -18,7 +18,8 @@ from typing import Any
 import sqlite_utils
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 10.0
+BUSY_TIMEOUT_S = 10.0  # commands (tune, import, clear): wait for another process's write
+SERVING_BUSY_TIMEOUT_S = 0.25  # a serving call waits at most this long; then the row is skipped (memory serves)
 WINNER_COLUMNS = {
     "key": str, "device": str, "signature": str, "mode": str, "strategy": str, "params": str,
     "time_us": float, "baseline_us": float, "timings": str, "tuned_at": str, "copytune_version": str,
@@ -44,11 +45,13 @@ def default_path() -> Path:
 class Store:
     """Winners by key. Opened lazily; every method degrades to a miss/no-op once the file proved unusable."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True):
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S):
         """``create=False``: never create the file or its folder (read-only commands, dry runs); a missing file
-        reads as empty."""
+        reads as empty. ``busy_timeout_s``: the longest wait on another process's write lock; past it the read or
+        write is skipped with one warning."""
         self.path = Path(path) if path is not None else default_path()
-        self.create = create
+        self.create, self.busy_timeout_s = create, busy_timeout_s
         self.disabled: str | None = None  # the reason, once the file proved unusable
         self._db: sqlite_utils.Database | None = None
         self._lock = threading.Lock()
@@ -70,7 +73,7 @@ class Store:
         if not self.create and not self.path.exists():
             raise _Absent
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         db = sqlite_utils.Database(conn)
         tables = set(db.table_names())  # raises DatabaseError on a corrupt or non-SQLite file
         if tables and not {"winners", "meta"} <= tables:
@@ -84,7 +87,7 @@ class Store:
             raw = row[0] if row else None
             if str(raw) != str(SCHEMA_VERSION):  # 'abc', '2.0', NULL, 2: all foreign to this copytune
                 raise CacheUnavailable(f"{self.path} has cache schema {raw}; this copytune reads {SCHEMA_VERSION}")
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
             self._warn("wal", f"copytune cache {self.path}: WAL mode unavailable, concurrent writers will queue")
         if not tables and not self.create:
