@@ -63,7 +63,7 @@ def main() -> int:
             owner = id(targets[0]) if n == 1 else tuple(map(id, targets))
             binding = nsa._SITE.binding(owner)
             print(f"{bs:>4} {n:>8} {t_manual:12.2f} {t_fused:9.2f} {t_fused / t_manual:6.3f}  "
-                  f"{binding.bound.strategy} ({len(binding.copies)} copies)")
+                  f"{binding.bound.strategy} ({binding.n_copies} copies)")
     return 0
 
 

@@ -47,11 +47,13 @@ class _Binding:
     grows), so they are followed in place instead of being part of the key. Holds no reference to any step's
     sources: a 160k-token page table per captured batch size would otherwise stay pinned on the GPU."""
 
-    __slots__ = ("bound", "expected", "from_object", "get_sources", "launch", "n_copies", "shapes", "widths")
+    __slots__ = ("bound", "expected", "from_object", "get_sources", "getters", "launch", "n_copies", "shapes",
+                 "widths")
 
     def __init__(self, copies: list[Copy], source, dispatcher: Dispatcher):
         paths = [c.path for c in copies]
-        bases = [_get(source, p) for p in paths]
+        self.getters = [operator.itemgetter(p) if isinstance(p, int) else operator.attrgetter(p) for p in paths]
+        bases = [g(source) for g in self.getters]
         self.n_copies = len(copies)
         self.bound = dispatcher.bind([(c.src, c.dst) for c in copies], checked=False, bases=bases)
         # copies whose columns follow the step's longest sequence: index -> (path, widest the destination takes)
@@ -59,9 +61,8 @@ class _Binding:
         self.shapes = {i: copies[i].src.shape for i in self.widths}
         # what every other source must look like where the strategy does not check it itself (C++ does)
         self.expected = None if self.bound.checks_sources else [
-            (p, _geometry(b)) for i, (p, b) in enumerate(zip(paths, bases)) if i not in self.widths]
-        getters = [operator.itemgetter(p) if isinstance(p, int) else operator.attrgetter(p) for p in paths]
-        self.get_sources = lambda src, gs=getters: [g(src) for g in gs]
+            (i, p, _geometry(b)) for i, (p, b) in enumerate(zip(paths, bases)) if i not in self.widths]
+        self.get_sources = lambda src, gs=self.getters: [g(src) for g in gs]
         # where the kernel reads the page tables' widths from the sources itself, a step is one C++ call
         if all(self.bound.follow_source_shape(i, width * copies[i].src.element_size())
                for i, (_, width) in self.widths.items()):
@@ -75,8 +76,8 @@ class _Binding:
         """Launch for ``source``; False when a page table's shape changed and could not be followed in place
         (a torch winner's views are fixed): the caller then runs the copies itself, never a rebind per step."""
         if self.expected is not None:
-            for path, geometry in self.expected:
-                got = _geometry(_get(source, path))
+            for i, path, geometry in self.expected:
+                got = _geometry(self.getters[i](source))
                 if got != geometry:
                     raise ValueError(f"{path} is {got}; this binding copies {geometry}")
         if not self.widths:
@@ -85,7 +86,7 @@ class _Binding:
                 raise launch_error(err)
             return True
         for i, (path, width) in self.widths.items():
-            src = _get(source, path)
+            src = self.getters[i](source)
             if src.shape != self.shapes[i]:
                 rows, cols = src.shape
                 if cols > width:
@@ -124,10 +125,6 @@ def launch_error(err: str) -> Exception:
     """The kernel refused a step before launching: a source of the wrong rows or too many columns is the caller's
     input (ValueError); anything else is the launch's (RuntimeError)."""
     return (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
-
-
-def _get(source, path):
-    return source[path] if isinstance(path, int) else operator.attrgetter(path)(source)
 
 
 class CallSite:

@@ -267,12 +267,11 @@ def _with_offsets(launch, plan: CopyPlan, offsets: list[int]):
     if hasattr(launch, "set_source_offsets"):
         launch.set_source_offsets(offsets)
         return launch
-    shapes = [(s.shape, s.stride()) for s, _ in plan.pairs]  # geometry only: no source is pinned
+    # the views' geometry as meta tensors (no memory): no source is pinned
+    likes = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta") for s, _ in plan.pairs]
 
     def rebased(srcs=None) -> None:
-        launch(None if srcs is None else [
-            torch.as_strided(b, shape, stride, b.storage_offset() + off // b.element_size())
-            for b, (shape, stride), off in zip(srcs, shapes, offsets)])
+        launch(None if srcs is None else [as_view(b, like, off) for b, like, off in zip(srcs, likes, offsets)])
     return rebased
 
 

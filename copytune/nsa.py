@@ -158,7 +158,7 @@ def _from_precomputed(metadatas: Sequence, pre, forward_mode) -> list[Copy]:
 
 def _precomputed_structure(pre) -> tuple:
     """What the copy list depends on besides the buffers. Shapes are not keyed: every launch checks each source's
-    geometry against the bound one (C++ for cuda_ext, a rebind otherwise), and the sizes follow from them."""
+    geometry against the bound one (in C++ for cuda_ext, in Python otherwise), and the sizes follow from them."""
     return pre.seqlens_expanded_size, pre.real_page_table is None, pre.flashmla_metadata is None
 
 
