@@ -96,15 +96,28 @@ def skip_if_declined(strategy, case: Case) -> None:
 
 
 def check_bound_sources(strategy, case: Case, seed: int) -> None:
-    """Bind once, then relaunch on fresh sources of the same geometry: each run must match ``copy_``."""
+    """Bind once, then relaunch on fresh sources of the same geometry: each run must match ``copy_``. Then the
+    launch contract every strategy shares: ``launch()`` copies the sources given at bind, never the last call's."""
     skip_if_declined(strategy, case)
-    launch = strategy.bind(__import__("copytune").CopyPlan.from_pairs(case.pairs))
+    bound = list(case.pairs)
+    launch = strategy.bind(__import__("copytune").CopyPlan.from_pairs(bound))
     for _ in range(2):
         fresh = [random_fill(torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device=s.device))
-                 for s, _ in case.pairs]
-        case.pairs = [(f, d) for f, (_, d) in zip(fresh, case.pairs)]
+                 for s, _ in bound]
+        case.pairs = [(f, d) for f, (_, d) in zip(fresh, bound)]
         expected = case.expected()
         launch(fresh)
-        if fresh and fresh[0].is_cuda:
-            torch.cuda.synchronize()
+        _sync(fresh)
         case.check(expected)
+    for buf in case.dst_bufs:
+        random_fill(buf)
+    case.pairs = bound
+    expected = case.expected()
+    launch()
+    _sync([s for s, _ in bound])
+    case.check(expected)
+
+
+def _sync(tensors) -> None:
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.synchronize()

@@ -158,6 +158,8 @@ class CudaExt:
         live = [i for i, d in enumerate(plan.descs) if d.nbytes]
         flat = [v for i in live for v in _raw(plan.descs[i])]
         batch = module.BoundBatch(flat, plan.device.index, unroll)
+        if batch.error():  # the C++ side checks the description again (its constructor never throws)
+            raise UnsupportedPlan(batch.error())
         return BoundCuda(batch, None if len(live) == len(plan.descs) else live)
 
     def runner(self, plan: CopyPlan, params: Params | None = None):
@@ -183,7 +185,8 @@ def _raw(d) -> tuple[int, int, int, int, int, int]:
 
 class BoundCuda:
     """``()`` relaunches on the bound addresses; ``(srcs)`` hands the new source tensors to C++, which reads their
-    addresses and re-derives vector widths (a misaligned new source simply gets narrower loads)."""
+    addresses and re-derives vector widths (a misaligned new source simply gets narrower loads) for that call
+    only: a later ``()`` copies the bound sources again, as every strategy's launch does."""
 
     __slots__ = ("batch", "live")
 

@@ -1,9 +1,12 @@
 """cuda_ext: a clear reason and no crash without a GPU; the kernel compiles with plain nvcc where one exists
 (CI machines have nvcc but no GPU); bit-exact on a GPU."""
 
+import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +214,93 @@ def test_every_new_source_is_checked_before_any_launch(built):
     assert torch.equal(dsts[0], good) and torch.equal(dsts[1], fresh.inner.b)
     assert "no attribute inner.b" in run(SimpleNamespace(a=good, inner=None))
     assert "source 1 has shape [2]" in run(SimpleNamespace(a=good, inner=SimpleNamespace(b=bad[next(iter(bad))])))
+
+
+@pytest.mark.cuda
+def test_a_bad_description_is_refused_by_the_constructor_without_throwing(built):
+    """The C++ constructor checks what Python should already have: 6 values a copy, a device, a compiled unroll,
+    no negative sizes, no null address. It never throws across pybind; every entry point returns the reason."""
+    module = cuda_ext.load(torch.device("cuda"))
+    good = [1 << 20, 2 << 20, 1, 64, 0, 0]
+    cases = {"7 descriptor values, not 6 per copy": (good + [0], 0, 4),
+             "device index -1": (good, -1, 4),
+             "unroll must be 1, 2, 4 or 8, got 3": (good, 0, 3),
+             "copy 0 is negative": ([1 << 20, 2 << 20, -1, 64, 0, 0], 0, 4),
+             "copy 0 at null": ([0, 2 << 20, 1, 64, 0, 0], 0, 4)}
+    for message, args in cases.items():
+        batch = module.BoundBatch(*args)
+        assert batch.error() == "cuda_ext: " + message
+        assert batch.run() == batch.error() and batch.run_sources([]) == batch.error()
+    assert module.BoundBatch(good, 0, 8).error() == ""
+
+
+@pytest.mark.cuda
+def test_an_earlier_pending_cuda_error_is_not_blamed_on_the_launch(built):
+    """The launch reports its own status (cudaLaunchKernel), not an error some earlier call left pending."""
+    import ctypes
+
+    dev = torch.device("cuda")
+    src, dst = random_fill(torch.empty(64, dtype=torch.int32, device=dev)), torch.zeros(64, dtype=torch.int32,
+                                                                                        device=dev)
+    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst)]))
+    cudart = next((ln.split()[-1] for ln in open("/proc/self/maps") if "libcudart.so" in ln), None)
+    if cudart is None:
+        pytest.skip("the CUDA runtime is linked statically here")
+    rt = ctypes.CDLL(cudart)
+    assert rt.cudaSetDevice(ctypes.c_int(10_000)) != 0  # leaves cudaErrorInvalidDevice pending on this thread
+    try:
+        launch()
+    finally:
+        rt.cudaGetLastError()
+    torch.cuda.synchronize()
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.cuda
+def test_bad_sources_never_reach_the_gpu_under_compute_sanitizer(built, tmp_path):
+    """Every C++ entry point given bad sources (short, wider, another dtype, on the CPU, strided, not a tensor,
+    too few) runs under compute-sanitizer's memcheck without one invalid access; the good run after them is exact."""
+    sanitizer = shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path="/usr/local/cuda/bin")
+    if sanitizer is None:
+        pytest.skip("no compute-sanitizer")
+    script = tmp_path / "bad_sources.py"
+    script.write_text(SANITIZED_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+                         capture_output=True, text=True, timeout=600, cwd=root,
+                         env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in out.stdout and "bad sources refused: 16" in out.stdout, out.stdout[-3000:]
+
+
+SANITIZED_SCRIPT = r'''
+from types import SimpleNamespace
+import torch
+from copytune import Dispatcher
+from tests.cases import random_fill
+
+dev = torch.device("cuda")
+n = 1 << 20
+srcs = [random_fill(torch.empty(n, dtype=torch.int32, device=dev)),
+        random_fill(torch.empty(64, 300, dtype=torch.int32, device=dev))]
+bufs = [torch.empty(n, dtype=torch.int32, device=dev), torch.empty(64, 512, dtype=torch.int32, device=dev)]
+dsts = [bufs[0], bufs[1][:, :300]]
+bound = Dispatcher(None, strategy="cuda_ext").bind(list(zip(srcs, dsts)), checked=False)
+assert bound.follow_source_shape(1, 512 * 4)
+by_list, by_attrs = bound.sources_launcher(), bound.attribute_launcher(["a", "b"])
+table = srcs[1]
+bad = [torch.ones(2, dtype=torch.int32, device=dev), torch.ones(n, dtype=torch.int64, device=dev),
+       torch.ones(n, dtype=torch.int32), torch.ones(2 * n, dtype=torch.int32, device=dev)[::2], [1, 2]]
+bad_tables = [torch.ones(64, 513, dtype=torch.int32, device=dev), torch.ones(65, 300, dtype=torch.int32, device=dev),
+              torch.ones(64, 300, dtype=torch.int16, device=dev)]
+refused = 0
+for b in bad:
+    refused += bool(by_list([b, table])) + bool(by_attrs(SimpleNamespace(a=b, b=table)))
+for t in bad_tables:
+    refused += bool(by_list([srcs[0], t])) + bool(by_attrs(SimpleNamespace(a=srcs[0], b=t)))
+print("bad sources refused:", refused)
+fresh = [random_fill(torch.empty_like(srcs[0])), random_fill(torch.empty(64, 301, dtype=torch.int32, device=dev))]
+assert not by_list(fresh)
+torch.cuda.synchronize()
+assert torch.equal(bufs[0], fresh[0]) and torch.equal(bufs[1][:, :301], fresh[1])
+'''

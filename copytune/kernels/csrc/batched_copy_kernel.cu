@@ -150,14 +150,15 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p) {
 
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
   if (tiles == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(tiles);
-  switch (unroll) {
-    case 1: batched_copy_kernel<1><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: batched_copy_kernel<2><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: batched_copy_kernel<8><<<grid, kThreads, 0, stream>>>(p); break;
-    default: batched_copy_kernel<4><<<grid, kThreads, 0, stream>>>(p); break;
-  }
-  return cudaGetLastError();
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
+  const void* kernel = unroll == 1   ? reinterpret_cast<const void*>(&batched_copy_kernel<1>)
+                       : unroll == 2 ? reinterpret_cast<const void*>(&batched_copy_kernel<2>)
+                       : unroll == 8 ? reinterpret_cast<const void*>(&batched_copy_kernel<8>)
+                                     : reinterpret_cast<const void*>(&batched_copy_kernel<4>);
+  void* args[] = {const_cast<Params*>(&p)};
+  // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
+  // somebody else's earlier launch and blame this one for it.
+  return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
 }
 
 }  // namespace copytune

@@ -19,21 +19,42 @@ namespace copytune {
 class BoundBatch {
  public:
   // flat: 6 int64 per copy (src, dst, rows, row_bytes, src_stride, dst_stride), bytes; empty copies excluded.
-  // unroll: units per thread per tile (1, 2, 4 or 8; anything else is taken as 4, and unroll() says which ran).
+  // unroll: units per thread per tile (1, 2, 4 or 8). A bad description never throws (see above): the batch
+  // keeps the reason in error(), and every entry point returns it instead of launching.
   BoundBatch(const std::vector<int64_t>& flat, int64_t device, int64_t unroll)
-      : device_(static_cast<int>(device)), unroll_(valid_unroll(static_cast<int>(unroll)) ? int(unroll) : 4) {
-    raw_.resize(flat.size() / 6);
-    for (size_t i = 0; i < raw_.size(); ++i) {
-      raw_[i] = RawCopy{flat[6 * i], flat[6 * i + 1], flat[6 * i + 2], flat[6 * i + 3], flat[6 * i + 4],
-                        flat[6 * i + 5]};
+      : device_(static_cast<int>(device)), unroll_(static_cast<int>(unroll)) {
+    try {
+      error_ = describe_error(flat, device, unroll);
+      if (!error_.empty()) return;
+      raw_.resize(flat.size() / 6);
+      for (size_t i = 0; i < raw_.size(); ++i) {
+        raw_[i] = RawCopy{flat[6 * i], flat[6 * i + 1], flat[6 * i + 2], flat[6 * i + 3], flat[6 * i + 4],
+                          flat[6 * i + 5]};
+      }
+      bound_ = raw_;
+      const size_t chunks = (raw_.size() + kMaxCopies - 1) / kMaxCopies;
+      params_.resize(chunks);
+      tiles_.resize(chunks);
+      plan();
+    } catch (const std::exception& e) {
+      error_ = std::string("cuda_ext: ") + first_line(e.what());
     }
-    const size_t chunks = (raw_.size() + kMaxCopies - 1) / kMaxCopies;
-    params_.resize(chunks);
-    tiles_.resize(chunks);
-    plan();
   }
 
-  std::string run() { return launch(); }
+  // Why this batch cannot run ("" when it can).
+  const std::string& error() const { return error_; }
+
+  // The bound sources again, whatever sources earlier calls passed: run() means one thing for every strategy
+  // (the sources given at bind, which the Python binding keeps alive; a per-call source is never remembered).
+  std::string run() {
+    if (!error_.empty()) return error_;
+    if (rebound_) {
+      raw_ = bound_;
+      plan();
+      rebound_ = false;
+    }
+    return launch();
+  }
 
   // Bytes to add to each new source's data_ptr() (callers that pass base tensors instead of slice views).
   std::string set_source_offsets(const std::vector<int64_t>& offsets) {
@@ -48,10 +69,12 @@ class BoundBatch {
   std::string set_shape(int64_t i, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
     if (i < 0 || i >= static_cast<int64_t>(raw_.size())) return "cuda_ext: copy index out of range";
     if (rows < 0 || row_bytes < 0 || src_stride < 0 || dst_stride < 0) return "cuda_ext: negative shape";
-    raw_[i].rows = rows;
-    raw_[i].row_bytes = row_bytes;
-    raw_[i].src_stride = src_stride;
-    raw_[i].dst_stride = dst_stride;
+    for (std::vector<RawCopy>* v : {&raw_, &bound_}) {
+      (*v)[i].rows = rows;
+      (*v)[i].row_bytes = row_bytes;
+      (*v)[i].src_stride = src_stride;
+      (*v)[i].dst_stride = dst_stride;
+    }
     plan();
     return "";
   }
@@ -68,6 +91,7 @@ class BoundBatch {
 
   // New sources of the bound geometry, in pair order (one per copy, empty copies excluded by the caller).
   std::string run_sources(const std::vector<at::Tensor>& srcs) {
+    if (!error_.empty()) return error_;
     if (srcs.size() != raw_.size()) {
       return "cuda_ext: expected " + std::to_string(raw_.size()) + " sources, got " + std::to_string(srcs.size());
     }
@@ -86,6 +110,7 @@ class BoundBatch {
   // New sources as a Python list or tuple of tensors, read straight off the sequence: no pybind11 conversion to a
   // std::vector<at::Tensor> (a refcount pair per tensor) when called through fast("run_sequence").
   std::string run_sequence(PyObject* seq) {
+    if (!error_.empty()) return error_;
     if (!PyList_Check(seq) && !PyTuple_Check(seq)) return "cuda_ext: the sources must be a list or a tuple";
     const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq));
     if (n != raw_.size()) {
@@ -146,6 +171,7 @@ class BoundBatch {
   }
 
   std::string run_attrs(pybind11::handle obj) {
+    if (!error_.empty()) return error_;
     if (attrs_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
     try {
       pending_.resize(raw_.size());
@@ -220,6 +246,7 @@ class BoundBatch {
 
   std::string commit_and_launch() {
     raw_.swap(pending_);  // all sources passed: take them together (no allocation: the buffers trade places)
+    rebound_ = true;      // for this call only: run() goes back to bound_
     plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
     return launch();
   }
@@ -230,6 +257,20 @@ class BoundBatch {
     std::string s = "[";
     for (size_t k = 0; k < d.size(); ++k) s += (k ? ", " : "") + std::to_string(d[k]);
     return s + "]";
+  }
+
+  static std::string describe_error(const std::vector<int64_t>& flat, int64_t device, int64_t unroll) {
+    if (flat.size() % 6) return "cuda_ext: " + std::to_string(flat.size()) + " descriptor values, not 6 per copy";
+    if (device < 0) return "cuda_ext: device index " + std::to_string(device);
+    if (!valid_unroll(static_cast<int>(unroll)) || unroll != static_cast<int>(unroll)) {
+      return "cuda_ext: unroll must be 1, 2, 4 or 8, got " + std::to_string(unroll);
+    }
+    for (size_t i = 0; i < flat.size() / 6; ++i) {
+      const int64_t* c = &flat[6 * i];
+      if (c[2] < 0 || c[3] < 0 || c[4] < 0 || c[5] < 0) return "cuda_ext: copy " + std::to_string(i) + " is negative";
+      if (c[2] > 0 && c[3] > 0 && (c[0] == 0 || c[1] == 0)) return "cuda_ext: copy " + std::to_string(i) + " at null";
+    }
+    return "";
   }
 
   static std::string first_line(const char* what) {  // c10 errors carry a whole backtrace after the message
@@ -254,14 +295,17 @@ class BoundBatch {
         if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
       }
     } catch (const std::exception& e) {
-      return std::string("cuda_ext: ") + e.what();
+      return std::string("cuda_ext: ") + first_line(e.what());
     }
     return "";
   }
 
   int device_;
   int unroll_;
-  std::vector<RawCopy> raw_;
+  std::string error_;           // set by the constructor when the description is invalid
+  std::vector<RawCopy> raw_;    // what the next launch copies
+  std::vector<RawCopy> bound_;  // the bound sources and shapes (run()); raw_ differs after a call's sources
+  bool rebound_ = false;
   std::vector<int64_t> offsets_;
   struct Follow {
     int64_t max_row_bytes, itemsize;  // itemsize 0: the copy keeps its bound shape
@@ -351,6 +395,7 @@ pybind11::object make(pybind11::object self, const std::string& which) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
       .def(pybind11::init<const std::vector<int64_t>&, int64_t, int64_t>())
+      .def("error", &copytune::BoundBatch::error)
       .def("run", &copytune::BoundBatch::run)
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_attrs", &copytune::BoundBatch::set_source_attrs)
