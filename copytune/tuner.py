@@ -7,14 +7,23 @@ written), on several rotating source sets so caches do not flatter. Each is chec
 - ``eager``: wall time per call over N back-to-back calls and one synchronize (CPU launch cost counts);
 - ``graph``: K calls captured in a CUDA graph, replayed, timed with CUDA events (GPU time only).
 
-A candidate that raises or copies wrong bytes scores infinity and is recorded with its reason, never fatal.
+Noise is not stored as truth (under load a CPU tune once recorded the baseline at 7759.90 µs against 9.90 µs):
+candidates are timed in ROUNDS round-robin rounds and each keeps the median of its samples; one whose samples
+spread wide is timed as many rounds again; and the winner and the baseline are timed once more at the end: if
+either disagrees with its first time by AGREEMENT, the whole field is timed again, and if it still disagrees the
+tune fails (``NoisyTiming``) and nothing is stored.
+
+A candidate that raises, copies wrong bytes or runs past its time limit is excluded with its reason, never fatal:
+each candidate's work runs on a worker thread with a deadline (a hung one is abandoned, daemon thread and all).
 The timer is an argument, so the logic is tested on CPU with scripted timings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -35,7 +44,19 @@ EAGER_TIE = 0.05
 # after it: a candidate wrong 1 call in 4 won 4-5 of 12 tunes with 3 checks, one wrong from its 4th call on won
 # and then copied wrong bytes every call.
 CHECKED_RUNS = 8
+ROUNDS = 5  # round-robin timing rounds: every candidate is timed once per round, the median of its rounds counts
+SPREAD_LIMIT = 0.25  # median absolute deviation over median past which a candidate is timed ROUNDS more
+AGREEMENT = 2.0  # the winner's or the baseline's re-measure this many times off (either way): the timings are noise
+TIME_LIMIT_S = 120.0  # per candidate, compile and checks included; a cold Triton compile takes a few seconds
 Timer = Callable[[Callable[[int], None], str, torch.device], float]  # (step(i), mode, device) -> µs per step
+
+
+class NoisyTiming(RuntimeError):
+    """The timings did not repeat: nothing may be stored from them."""
+
+
+class TimeLimit(RuntimeError):
+    """A candidate ran past its time limit."""
 
 
 @dataclass
@@ -45,10 +66,12 @@ class Timing:
     time_us: float | None = None
     reason: str | None = None  # why it was skipped or excluded
     gpu_us: float | None = None  # eager candidates close to the fastest: GPU time per call (graph replay)
+    samples: list[float] = field(default_factory=list)  # one per round, this pass
+    spent_s: float = 0.0  # of its time limit
 
     def as_json(self) -> dict:
         return {"strategy": self.strategy, "params": self.params, "time_us": self.time_us, "reason": self.reason,
-                "gpu_us": self.gpu_us}
+                "gpu_us": self.gpu_us, "rounds": len(self.samples), "spread": _spread(self.samples)}
 
 
 @dataclass
@@ -61,18 +84,22 @@ class TuneResult:
 
 
 def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | None = None,
-         timer: Timer | None = None, sets: int = 3, gpu_tie_break: bool | None = None) -> TuneResult:
+         timer: Timer | None = None, sets: int = 3, gpu_tie_break: bool | None = None,
+         time_limit_s: float = TIME_LIMIT_S) -> TuneResult:
     """Time each available candidate on ``plan``'s geometry and return the fastest bit-exact one.
 
     ``pool`` is the strategies to try (default: every registered one); the baseline ``torch_per_copy`` is always
     timed too, as the reference for the speedup. ``gpu_tie_break`` (default: on a GPU, in eager mode): candidates
     within EAGER_TIE of the fastest wall time are timed again in ``graph`` mode and the least GPU time wins.
+    ``time_limit_s`` bounds each candidate's bind, checks and timing together. Raises ``NoisyTiming`` when the
+    timings do not repeat, RuntimeError when no candidate ran exactly.
     """
     device = plan.device or torch.device("cpu")
     timer = timer or default_timer
     pool = dict(pool if pool is not None else strategies())
     pool.setdefault(BASELINE, get_strategy(BASELINE))
     scratch = Scratch(plan, sets)
+    run = _Limited(device, time_limit_s)
     timings: list[Timing] = []
     steps: dict[int, Callable[[int], None]] = {}
     for name, strategy in pool.items():
@@ -85,18 +112,148 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
             timings.append(Timing(name, {}, reason=reason))
             continue
         for params in candidates:
-            timing, step = _measure(strategy, params, scratch, mode, timer, device)
+            timing = Timing(name, params)
+            step = run(timing, lambda s=strategy, p=params: _prepare(s, p, scratch, device))
             timings.append(timing)
-            steps[id(timing)] = step
-    ok = [t for t in timings if t.time_us is not None and math.isfinite(t.time_us) and t.time_us > 0]
-    if not ok:  # a NaN, infinite or non-positive time is no measurement
-        raise RuntimeError("no candidate ran exactly: " + "; ".join(
-            f"{t.strategy}: {t.reason or f'time {t.time_us}'}" for t in timings))
-    best = min(ok, key=lambda t: t.time_us)
-    if mode == "eager" and (gpu_tie_break if gpu_tie_break is not None else device.type == "cuda"):
-        best = _least_gpu_time(best, ok, steps, timer, device)
-    base = next((t.time_us for t in ok if t.strategy == BASELINE), math.nan)
-    return TuneResult(best.strategy, best.params, best.time_us, base, timings)
+            if step is not None:
+                steps[id(timing)] = step
+    for attempt in (1, 2):
+        field_ = [t for t in timings if id(t) in steps]
+        _time_rounds(field_, steps, run, timer, mode, device)
+        ok = [t for t in field_ if t.reason is None and _measured(t.time_us)]
+        if not ok:  # a NaN, infinite or non-positive time is no measurement
+            raise RuntimeError("no candidate ran exactly: " + "; ".join(
+                f"{t.strategy}: {t.reason or f'time {t.time_us}'}" for t in timings))
+        best = min(ok, key=lambda t: t.time_us)
+        if mode == "eager" and (gpu_tie_break if gpu_tie_break is not None else device.type == "cuda"):
+            best = _least_gpu_time(best, ok, steps, run, timer, device)
+        base = next((t for t in ok if t.strategy == BASELINE), None)
+        finalists = list({id(t): t for t in (best, base) if t is not None}.values())
+        doubt = _disagreement(finalists, steps, run, timer, mode, device)
+        if doubt is None:
+            for t in ok:  # still exact after every timed call, its sources untouched
+                run(t, lambda t=t: scratch.check(_launch_of(steps[id(t)]), scratch.sets, device))
+            if best.reason is None:
+                return TuneResult(best.strategy, best.params, best.time_us,
+                                  base.time_us if base is not None and base.reason is None else math.nan, timings)
+            doubt = f"{best.strategy} failed its check after timing: {best.reason}"
+            steps.pop(id(best))
+    raise NoisyTiming(f"timings did not repeat ({doubt}); nothing stored")
+
+
+def _prepare(strategy, params: dict, scratch: Scratch, device) -> Callable[[int], None]:
+    """Bind (compiling here) and check ``CHECKED_RUNS`` launches; the step the timer calls."""
+    launch = strategy.bind(scratch.plan, params)
+    scratch.check(launch, CHECKED_RUNS, device)
+
+    def step(i: int) -> None:
+        launch(scratch.srcs[i % scratch.sets])
+    step.launch = launch
+    return step
+
+
+def _launch_of(step):
+    return step.launch
+
+
+def _measured(us) -> bool:
+    return us is not None and math.isfinite(us) and us > 0
+
+
+def _spread(samples: list[float]) -> float | None:
+    """Median absolute deviation over the median: 0 for steady samples, past SPREAD_LIMIT for noise."""
+    if not samples or not all(_measured(x) for x in samples):
+        return None
+    med = statistics.median(samples)
+    return statistics.median(abs(x - med) for x in samples) / med
+
+
+def _time_rounds(field_: list[Timing], steps: dict, run: _Limited, timer: Timer, mode: str, device) -> None:
+    """ROUNDS round-robin rounds over ``field_`` (each round starting one candidate later, so none is always
+    timed first), ROUNDS more for those whose samples spread past SPREAD_LIMIT; ``time_us`` is the median."""
+    for t in field_:
+        t.samples = []
+    for extra in (False, True):
+        todo = [t for t in field_ if t.reason is None and (not extra or (_spread(t.samples) or 0) > SPREAD_LIMIT)]
+        for r in range(ROUNDS if todo else 0):
+            for t in todo[r % len(todo):] + todo[:r % len(todo)]:
+                if t.reason is None:
+                    sample = run(t, lambda t=t: float(timer(steps[id(t)], mode, device)))
+                    if sample is not None:
+                        t.samples.append(sample)
+    for t in field_:
+        t.time_us = statistics.median(t.samples) if t.reason is None and t.samples else None
+
+
+def _disagreement(finalists: list[Timing], steps: dict, run: _Limited, timer: Timer, mode: str, device) -> str | None:
+    """Time ``finalists`` (the winner, the baseline) ROUNDS rounds again: None when each median stays within
+    AGREEMENT of its first; else what moved. Their time becomes the median of both passes."""
+    first = {id(t): (t.time_us, list(t.samples)) for t in finalists}
+    _time_rounds(finalists, steps, run, timer, mode, device)
+    for t in finalists:
+        before, samples = first[id(t)]
+        again, t.samples = t.time_us, samples + t.samples
+        t.time_us = statistics.median(t.samples) if t.reason is None else None
+        if t.reason is not None:
+            return f"{t.strategy}: {t.reason}"
+        if not _measured(again) or max(again / before, before / again) > AGREEMENT:
+            return f"{t.strategy} {before:.2f} µs, then {again:.2f} µs"
+    return None
+
+
+class _Limited:
+    """Runs a candidate's work on a daemon thread under the caller's CUDA device and stream, within what is left
+    of that candidate's time limit. A failure or an overrun marks the candidate (``reason``) and returns None;
+    an overrun's thread is abandoned (Python cannot stop it; a daemon thread never holds up the exit)."""
+
+    def __init__(self, device: torch.device, limit_s: float):
+        self.limit_s = limit_s
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.device = device
+
+    def __call__(self, timing: Timing, work: Callable, failure: str | None = None):
+        """``work()``'s value; None when it fails or overruns. A failure excludes the candidate, unless
+        ``failure`` names what is merely missing then (a warning); an overrun always excludes it."""
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                with self._context():
+                    box["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - reported to the tuning thread
+                box["error"] = exc
+
+        left = self.limit_s - timing.spent_s
+        t0 = time.perf_counter()
+        worker = threading.Thread(target=target, name=f"copytune-tune-{timing.strategy}", daemon=True)
+        worker.start()
+        worker.join(max(left, 0.0))
+        timing.spent_s += time.perf_counter() - t0
+        if worker.is_alive():
+            return self._exclude(timing, TimeLimit(f"no result within its {self.limit_s:g} s time limit"))
+        if "error" in box:
+            if failure is None:
+                return self._exclude(timing, box["error"])
+            exc = box["error"]
+            warnings.warn(f"copytune: {timing.strategy} {timing.params}: {failure} ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return box["value"]
+
+    def _context(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    @staticmethod
+    def _exclude(timing: Timing, exc: BaseException) -> None:
+        timing.reason = f"{type(exc).__name__}: {exc}"
+        timing.time_us = None
+        warnings.warn(f"copytune: {timing.strategy} {timing.params} excluded: {timing.reason}", RuntimeWarning,
+                      stacklevel=4)
 
 
 def default_pool(device: torch.device) -> dict[str, Strategy]:
@@ -106,35 +263,15 @@ def default_pool(device: torch.device) -> dict[str, Strategy]:
     return dict(table) if device.type == "cuda" else {n: s for n, s in table.items() if n.startswith("torch")}
 
 
-def _least_gpu_time(best: Timing, ok: list[Timing], steps: dict, timer: Timer, device) -> Timing:
+def _least_gpu_time(best: Timing, ok: list[Timing], steps: dict, run: _Limited, timer: Timer, device) -> Timing:
     """Among the candidates whose wall time is within EAGER_TIE of ``best``'s, the one of least GPU time."""
     close = [t for t in ok if t.time_us <= best.time_us * (1 + EAGER_TIE)]
     if len(close) < 2:
         return best
-    for t in close:
-        try:
-            t.gpu_us = float(timer(steps[id(t)], "graph", device))
-        except Exception as exc:  # noqa: BLE001 - e.g. a launch that cannot be captured: wall time decides
-            warnings.warn(f"copytune: {t.strategy} {t.params}: no GPU time ({type(exc).__name__}: {exc})",
-                          RuntimeWarning, stacklevel=3)
-    timed = [t for t in close if t.gpu_us is not None and not math.isnan(t.gpu_us)]
+    for t in close:  # a launch that cannot be captured keeps no GPU time: wall time decides for it
+        t.gpu_us = run(t, lambda t=t: float(timer(steps[id(t)], "graph", device)), "no GPU time")
+    timed = [t for t in close if t.reason is None and t.gpu_us is not None and not math.isnan(t.gpu_us)]
     return min(timed, key=lambda t: (t.gpu_us, t.time_us)) if timed else best
-
-
-def _measure(strategy, params: dict, scratch: Scratch, mode: str, timer: Timer, device):
-    """The candidate's Timing, and the step that timed it (None when it failed)."""
-    try:
-        launch = strategy.bind(scratch.plan, params)  # compiles here
-        scratch.check(launch, CHECKED_RUNS, device)
-        def step(i: int) -> None:
-            launch(scratch.srcs[i % scratch.sets])
-        time_us = float(timer(step, mode, device))
-        scratch.check(launch, scratch.sets, device)  # still exact after the timed calls, sources untouched
-        return Timing(strategy.name, params, time_us=time_us), step
-    except Exception as exc:  # noqa: BLE001 - any failure excludes the candidate
-        reason = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"copytune: {strategy.name} {params} excluded: {reason}", RuntimeWarning, stacklevel=3)
-        return Timing(strategy.name, params, reason=reason), None
 
 
 class Scratch:
@@ -212,8 +349,9 @@ def _sync(device: torch.device) -> None:
 
 
 def default_timer(step: Callable[[int], None], mode: str, device: torch.device, calls: int = 100,
-                  repeats: int = 5) -> float:
-    """Median µs per step: CUDA-graph replay for ``graph`` on a GPU, else wall time incl. CPU launch cost."""
+                  repeats: int = 1) -> float:
+    """µs per step, one round's sample (the tuner's rounds do the repeating): CUDA-graph replay for ``graph`` on
+    a GPU, else wall time incl. CPU launch cost over ``calls`` back-to-back calls; the median of ``repeats``."""
     if mode == "graph" and device.type == "cuda":
         return _graph_time(step, device, calls, repeats)
     for i in range(3):

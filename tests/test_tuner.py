@@ -126,7 +126,7 @@ def test_every_registered_strategy_through_the_tuner(plan):
     """The real pool (Triton strategies interpreted on CPU) with a short real timer: all exact, all timed."""
     from copytune.tuner import default_timer
 
-    result = tune(plan, "eager", timer=lambda step, mode, dev: default_timer(step, mode, dev, calls=2, repeats=1))
+    result = tune(plan, "eager", timer=lambda step, mode, dev: default_timer(step, mode, dev, calls=10))
     usable = {n for n, s in __import__("copytune").strategies().items() if s.available("cpu") is None}
     timed = {t.strategy for t in result.timings if t.time_us is not None}
     assert timed == usable and not [t for t in result.timings if t.strategy in usable and t.reason]
@@ -234,3 +234,104 @@ def test_a_candidate_that_goes_wrong_during_timing_is_caught_after_it(plan):
         return {"late": 0.1}.get(LAST[-1], 5.0) if LAST else 5.0
     with pytest.warns(RuntimeWarning, match="late .* excluded"):
         assert tune(plan, "eager", pool=pool, timer=timer).strategy == "torch_per_copy"
+
+
+def sampled(samples):
+    """A timer giving each strategy its next scripted sample (its last one from then on), counting calls."""
+    calls: dict[str, int] = {}
+
+    def timer(step, mode, device):
+        LAST.clear()
+        step(0)
+        name = LAST[-1] if LAST else "torch_per_copy"
+        k = calls[name] = calls.get(name, 0) + 1
+        seq = samples[name]
+        return seq[min(k, len(seq)) - 1]
+    timer.calls = calls
+    return timer
+
+
+def test_one_noisy_round_does_not_move_a_time(plan):
+    """Under load one round of the baseline took 7759.90 µs against 9.90: the median of the rounds keeps 9.90."""
+    pool = {"fast": Fake("fast"), "torch_per_copy": get_strategy("torch_per_copy")}
+    result = tune(plan, "eager", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": [7759.9, 9.9]}))
+    assert (result.strategy, result.time_us, result.baseline_us) == ("fast", 2.0, 9.9)
+
+
+def test_samples_that_spread_wide_are_timed_again(plan):
+    from copytune.tuner import ROUNDS
+
+    pool = {"jumpy": Fake("jumpy"), "torch_per_copy": get_strategy("torch_per_copy")}
+    timer = sampled({"jumpy": [1.0, 2.0, 3.0, 4.0, 5.0] * 8, "torch_per_copy": [9.0]})
+    result = tune(plan, "eager", pool=pool, timer=timer)
+    jumpy = next(t for t in result.timings if t.strategy == "jumpy")
+    # its first ROUNDS spread wide, so ROUNDS more; then the finalists' re-measure (wide again: ROUNDS more)
+    assert timer.calls["jumpy"] == 4 * ROUNDS and jumpy.as_json()["rounds"] == 4 * ROUNDS
+    assert timer.calls["torch_per_copy"] == 2 * ROUNDS
+
+
+def test_a_baseline_that_disagrees_with_its_remeasure_is_timed_again_with_the_field(plan):
+    """A whole slow first pass of the baseline (a noisy neighbour) is caught by the final re-measure: every
+    candidate is timed again and the repeatable times are kept."""
+    from copytune.tuner import ROUNDS
+
+    pool = {"fast": Fake("fast"), "torch_per_copy": get_strategy("torch_per_copy")}
+    result = tune(plan, "eager", pool=pool,
+                  timer=sampled({"fast": [2.0], "torch_per_copy": [7759.9] * ROUNDS + [9.9]}))
+    assert (result.strategy, result.baseline_us) == ("fast", 9.9)
+
+
+def test_timings_that_never_repeat_store_nothing(plan, tmp_path):
+    from copytune import Dispatcher
+    from copytune.cache.store import Store
+    from copytune.tuner import ROUNDS, NoisyTiming
+
+    pool = {"fast": Fake("fast"), "torch_per_copy": get_strategy("torch_per_copy")}
+    seesaw = ([500.0] * ROUNDS + [5.0] * ROUNDS) * 4
+    with pytest.raises(NoisyTiming, match=r"torch_per_copy 500.00 µs, then 5.00 µs.*nothing stored"):
+        tune(plan, "eager", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
+    d = Dispatcher(tmp_path / "c.db", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
+    with pytest.warns(RuntimeWarning, match="tuning failed .*NoisyTiming"):
+        assert d.choose(plan).origin == "default"
+    assert Store(tmp_path / "c.db").get(d.key(plan)) is None
+
+
+class Hanging(Fake):
+    """Blocks in ``bind`` or in its launch until released: a hung compile or a launch that never returns."""
+
+    def __init__(self, name, where):
+        super().__init__(name)
+        self.where, self.release = where, __import__("threading").Event()
+
+    def bind(self, plan, params=None):
+        if self.where == "bind":
+            self.release.wait()
+        inner = super().bind(plan, params)
+
+        def launch(srcs=None):
+            if self.where == "launch" and LAST and LAST.count(self.name) >= 1:
+                self.release.wait()
+            inner(srcs)
+        return launch
+
+
+@pytest.mark.parametrize("where", ["bind", "timing"])
+def test_a_hanging_candidate_is_excluded_at_its_time_limit(plan, where):
+    import time
+
+    fake = Hanging("stuck", where)
+    pool = {"stuck": fake, "torch_per_copy": get_strategy("torch_per_copy")}
+
+    def timer(step, mode, device):
+        if where == "timing" and step.launch.__qualname__.startswith("Hanging"):
+            fake.release.wait()
+        return 5.0
+    t0 = time.perf_counter()
+    try:
+        with pytest.warns(RuntimeWarning, match="stuck .* excluded: TimeLimit: no result within its 0.5 s"):
+            result = tune(plan, "eager", pool=pool, timer=timer, time_limit_s=0.5)
+    finally:
+        fake.release.set()
+    assert time.perf_counter() - t0 < 10
+    assert result.strategy == "torch_per_copy"
+    assert "TimeLimit" in next(t for t in result.timings if t.strategy == "stuck").reason
