@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from copytune.dispatch import Dispatcher
 from copytune.kernels.registry import get_strategy
 from copytune.models import ModelProfile
 from copytune.plan import CopyPlan
+from copytune.reference import raise_if
 
 BASELINE = tuner.BASELINE
 STEPS = 8  # rotating inputs per call site (the page table grows a column per step, as in decoding)
@@ -113,7 +114,7 @@ def call_site_steps(profile: ModelProfile, bs: int, max_len: int, forward_mode: 
         views = [site.pairs(x) for x in inputs]
         srcs = [[s for s, _ in v] for v in views]
         dsts = [[t for _, t in v] for v in views]
-        site.check(lambda x: reference.launch(*map(list, zip(*site.pairs(x)))))
+        site.check(lambda x: raise_if(reference.launch(*map(list, zip(*site.pairs(x))))))
         steps[REFERENCE] = lambda i: reference.launch(srcs[i % STEPS], dsts[i % STEPS])
     return steps
 
@@ -130,8 +131,9 @@ def measure(steps_by_mode: dict[str, dict[str, Step]], notes: dict[str, str], de
 
 
 def sweep(profile: ModelProfile, batch_sizes: Sequence[int], max_lens: Sequence[int], forward_mode: str,
-          device: torch.device, reference=None, progress: Callable[[Point], None] | None = None) -> list[Point]:
-    points = []
+          device: torch.device, reference=None) -> Iterator[Point]:
+    """Each (max_len, bs) point as soon as it is measured: a generator, so a caller interrupted mid-sweep still holds
+    every point measured before it."""
     with tempfile.TemporaryDirectory() as tmp:
         for max_len in max_lens:
             for bs in batch_sizes:
@@ -143,10 +145,7 @@ def sweep(profile: ModelProfile, batch_sizes: Sequence[int], max_lens: Sequence[
                     steps[mode].update(call_site_steps(profile, bs, max_len, forward_mode, device, mode,
                                                        Path(tmp) / f"{mode}.db", reference))
                 point.rows = measure(steps, notes, device)
-                points.append(point)
-                if progress:
-                    progress(point)
-    return points
+                yield point
 
 
 def large_pairs(mib: int, layout: str, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -160,18 +159,14 @@ def large_pairs(mib: int, layout: str, device: torch.device) -> list[tuple[torch
     return [(torch.empty(rows, cols, dtype=torch.int32, device=device), dst)]
 
 
-def large(sizes_mib: Sequence[int], device: torch.device, progress=None) -> list[Point]:
-    """Large copies: every strategy's time and bandwidth against torch's ``copy_`` (the target is >= 0.95x)."""
-    points = []
+def large(sizes_mib: Sequence[int], device: torch.device) -> Iterator[Point]:
+    """Large copies: every strategy's time and bandwidth against torch's ``copy_`` (the target is >= 0.95x); each
+    point as soon as it is measured, as ``sweep`` does."""
     for mib in sizes_mib:
         for layout in ("contiguous", "2-D strided"):
             plan = CopyPlan.from_pairs(large_pairs(mib, layout, device))
             steps, notes = strategy_steps_by_mode(plan, device)
-            point = Point(f"large: {mib} MiB, {layout}", 0, 0, plan.nbytes, measure(steps, notes, device))
-            points.append(point)
-            if progress:
-                progress(point)
-    return points
+            yield Point(f"large: {mib} MiB, {layout}", 0, 0, plan.nbytes, measure(steps, notes, device))
 
 
 def format_point(point: Point, modes: Sequence[str], bandwidth: bool = False) -> list[str]:
@@ -193,14 +188,16 @@ def format_point(point: Point, modes: Sequence[str], bandwidth: bool = False) ->
     return lines
 
 
-def as_json(points: list[Point], large_points: list[Point], device: torch.device, forward_mode: str) -> dict:
+def as_json(points: list[Point], large_points: list[Point], device: torch.device, forward_mode: str,
+            interrupted: bool = False) -> dict:
+    """The run as JSON; ``interrupted``: the points are those measured before the run was stopped (Ctrl-C)."""
     import triton  # noqa: PLC0415
 
     import copytune  # noqa: PLC0415
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "copytune": copytune.__version__, "forward_mode": forward_mode,
+            "copytune": copytune.__version__, "forward_mode": forward_mode, "interrupted": interrupted,
             "points": [asdict(p) for p in points], "large": [asdict(p) for p in large_points]}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 import torch
 
@@ -201,7 +203,8 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, engi
           plot_path, device) -> None:
     """Every strategy, the engine's copy_ sequence, copytune's call site through the dispatcher and the engine-style
     fused kernel, side by side for the model's sweep, eager and graph, as ratios to per-copy torch from the same
-    run; then large copies against torch's bandwidth. Nothing is stored in the cache.
+    run; then large copies against torch's bandwidth. Nothing is stored in the cache. Ctrl-C stops the run and keeps
+    the points measured so far (the JSON says "interrupted": true; exit status 130).
 
     Example: copytune bench --model nsa --bs 1,32,256,512 --max-len 1024,2048 --json out.json --plot out.png
     """
@@ -216,35 +219,75 @@ def bench(model, batch_sizes, max_lens, forward_mode, large_mib, reference, engi
         raise click.ClickException(str(exc)) from None
     sizes, lens = _int_list(batch_sizes), _int_list(max_lens)
     big = [] if large_mib.strip().lower() == "none" else _int_list(large_mib)
+    _check_output_folder("--json", json_path)
+    _check_output_folder("--plot", plot_path)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
     dev = _device(device)
-    ref = None
-    if dev.type == "cuda":
-        _build_quietly(dev)
-        if reference:
-            from copytune import reference as reference_module
-
-            click.echo("compiling the engine-style reference kernel (first use on this machine)...", err=True)
-            ref = reference_module.load()
     modes = benchmark.modes_for(dev)
 
-    def show(point, bandwidth=False):
-        click.echo("\n".join(benchmark.format_point(point, modes, bandwidth)) + "\n")
+    def collect(into: list, measured, bandwidth=False):
+        for point in measured:
+            into.append(point)
+            click.echo("\n".join(benchmark.format_point(point, modes, bandwidth)) + "\n")
 
-    points = benchmark.sweep(profile, sizes, lens, forward_mode, dev, ref, progress=show)
-    large_points = benchmark.large(big, dev, progress=lambda p: show(p, bandwidth=True))
-    results = benchmark.as_json(points, large_points, dev, forward_mode)
-    if engine_version.strip().lower() != "none":
-        results["engine"] = _engine_rows(engine_version, sizes, lens, _int_list(backends), dev)
+    points, large_points, engine, interrupted = [], [], None, False
+    try:  # a sweep takes minutes: Ctrl-C keeps what was measured instead of losing it all
+        ref = _bench_setup(dev, reference)
+        collect(points, benchmark.sweep(profile, sizes, lens, forward_mode, dev, ref))
+        collect(large_points, benchmark.large(big, dev), bandwidth=True)
+        if engine_version.strip().lower() != "none":
+            engine = _engine_rows(engine_version, sizes, lens, _int_list(backends), dev)
+    except KeyboardInterrupt:
+        interrupted = True
+    results = benchmark.as_json(points, large_points, dev, forward_mode, interrupted=interrupted)
+    results["engine"] = engine
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
+        try:
+            with open(json_path, "w") as f:
+                json.dump(results, f, indent=1)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {json_path}: {exc.strerror or exc}") from None
         click.echo(f"wrote {json_path}")
-    if plot_path:
+    if plot_path and points:
         try:
             benchmark.plot(results, plot_path)
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
         click.echo(f"wrote {plot_path}")
+    if interrupted:
+        total = len(sizes) * len(lens) + 2 * len(big)
+        click.echo(f"bench interrupted after {len(points) + len(large_points)} of {total} points: the results above "
+                   "are partial", err=True)
+        click.get_current_context().exit(130)  # the shell's status for a run stopped by SIGINT
+
+
+def _check_output_folder(option: str, path: str | None) -> None:
+    """One line, before anything is measured, when ``path`` could not be written: a bench run takes minutes and
+    would otherwise lose its results at the end."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise click.ClickException(f"{option} {path}: folder {folder} is not writable")
+
+
+def _bench_setup(dev, reference: bool):
+    """On CUDA: cuda_ext built and, with ``reference``, the engine-style kernel compiled (returned); else None."""
+    if dev.type != "cuda":
+        return None
+    _build_quietly(dev)
+    if not reference:
+        return None
+    from copytune import reference as reference_module  # noqa: PLC0415
+
+    click.echo("compiling the engine-style reference kernel (first use on this machine)...", err=True)
+    return reference_module.load()
 
 
 def _engine_rows(version: str, sizes, lens, backends, dev) -> dict | None:

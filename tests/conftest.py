@@ -1,4 +1,5 @@
-"""Device choice for the whole suite: CUDA when present, else CPU tensors with Triton's interpreter.
+"""Device choice for the whole suite: CUDA when present, else CPU tensors with Triton's interpreter; and a cache of
+the suite's own, so no test reads or writes the user's winners.
 
 TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before copytune is imported.
 """
@@ -31,3 +32,15 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """``COPYTUNE_CACHE`` at a file of this session for every test and every process a test starts: a test that
+    tunes through the default path (``batched_copy``, ``Dispatcher()``, ``nsa.install()``, the CLI) must not
+    leave its CPU or poisoned-candidate winners in the user's real cache. Only the winner cache moves:
+    ``XDG_CACHE_HOME`` and ``COPYTUNE_BUILD_DIR`` stay, so GPU runs still find the built CUDA extension."""
+    path = tmp_path_factory.mktemp("copytune-cache") / "cache.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COPYTUNE_CACHE", str(path))
+        yield path

@@ -84,11 +84,71 @@ def test_bench_prints_every_strategy_the_call_site_and_large_copies_against_per_
     assert "engine comparison skipped: it needs a CUDA device" in result.output  # one line, no traceback
     results = json.loads(out.read_text())
     assert [p["bs"] for p in results["points"]] == [2, 4] and len(results["large"]) == 2
-    assert results["engine"] is None
+    assert results["engine"] is None and results["interrupted"] is False
     for point in results["points"]:
         names = [r["name"] for r in point["rows"]]
         assert names[0] == "torch_per_copy" and "copytune batched_copy_metadata" in names
         assert all(r["eager_us"] > 0 for r in point["rows"] if r["name"].startswith(("torch", "copytune", "engine")))
+
+
+def _count_measures(monkeypatch, interrupt_on: int | None = None) -> list[str]:
+    """Calls of ``benchmark.measure`` and of the tuner pass before it, by name; Ctrl-C pressed on measure call
+    ``interrupt_on``."""
+    from copytune import benchmark
+
+    calls, measure, steps = [], benchmark.measure, benchmark.strategy_steps_by_mode
+
+    def counted(*args):
+        calls.append("measure")
+        if calls.count("measure") == interrupt_on:
+            raise KeyboardInterrupt
+        return measure(*args)
+    monkeypatch.setattr(benchmark, "measure", counted)
+    monkeypatch.setattr(benchmark, "strategy_steps_by_mode", lambda *a: calls.append("tune") or steps(*a))
+    return calls
+
+
+BENCH = ["bench", "--bs", "1,2", "--max-len", "64", "--large", "1", "--engine", "none", "--device", "cpu"]
+
+
+@pytest.mark.parametrize(("interrupt_on", "points", "large"), [(2, 1, 0), (4, 2, 1)])
+def test_bench_interrupted_keeps_the_points_measured_so_far(tmp_path, monkeypatch, interrupt_on, points, large):
+    calls = _count_measures(monkeypatch, interrupt_on)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [*BENCH, "--json", str(out)])
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert calls.count("measure") == interrupt_on and calls[-1] == "measure"  # stopped there, nothing after
+    assert result.output.count("torch_per_copy") == points + large  # each measured point's table is printed
+    assert ("nsa decode bs=2" in result.output) == (points == 2)
+    assert result.output.rstrip().splitlines()[-1] == f"bench interrupted after {points + large} of 4 points: " \
+                                                      "the results above are partial"
+    results = json.loads(out.read_text())
+    assert results["interrupted"] is True and results["engine"] is None
+    assert [p["bs"] for p in results["points"]] == [1, 2][:points] and len(results["large"]) == large
+    assert results["points"][0]["rows"][0]["name"] == "torch_per_copy"
+
+
+def test_bench_plot_without_matplotlib_is_one_line_before_measuring(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    calls = _count_measures(monkeypatch)
+    result = CliRunner().invoke(main, [*BENCH, "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 1 and result.output == "Error: --plot needs matplotlib: pip install matplotlib\n"
+    assert calls == [] and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("option", ["--plot", "--json"])
+def test_bench_output_into_a_missing_folder_is_one_line_before_measuring(tmp_path, monkeypatch, option):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))  # present or not on this host
+    calls = _count_measures(monkeypatch)
+    result = CliRunner().invoke(main, [*BENCH, option, str(tmp_path / "missing" / "out")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {option} ") and "does not exist" in result.output
+    assert calls == []
 
 
 def test_bench_call_site_check_catches_wrong_bytes():
