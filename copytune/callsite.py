@@ -47,7 +47,7 @@ class _Binding:
     grows), so they are followed in place instead of being part of the key. Holds no reference to any step's
     sources: a 160k-token page table per captured batch size would otherwise stay pinned on the GPU."""
 
-    __slots__ = ("bound", "expected", "from_object", "get_sources", "getters", "launch", "n_copies", "shapes",
+    __slots__ = ("bound", "expected", "from_object", "get_sources", "getters", "key", "launch", "n_copies", "shapes",
                  "widths")
 
     def __init__(self, copies: list[Copy], source, dispatcher: Dispatcher):
@@ -56,6 +56,7 @@ class _Binding:
         bases = [g(source) for g in self.getters]
         self.n_copies = len(copies)
         self.bound = dispatcher.bind([(c.src, c.dst) for c in copies], checked=False, bases=bases)
+        self.key = self.bound.key  # when the dispatcher adopts a new winner for it, this binding is dropped
         # copies whose columns follow the step's longest sequence: index -> (path, widest the destination takes)
         self.widths = {i: (c.path, c.width) for i, c in enumerate(copies) if c.width is not None}
         self.shapes = {i: copies[i].src.shape for i in self.widths}
@@ -107,7 +108,7 @@ def _geometry(t) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _distinct(copies: list[Copy]) -> list[Copy]:
+def distinct_copies(copies: list[Copy]) -> list[Copy]:
     """``copies`` without repeats: several destination objects may share a buffer (sglang 0.5.10's draft backends
     share ``cache_seqlens_int32``), and the same source path into the same view writes the same bytes every step.
     (A copy whose source is its own destination — 0.5.10 pads a batch by handing its graph buffer back as the
@@ -138,6 +139,7 @@ class CallSite:
         self._owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
         self._pinned: dict[object, list] = {}  # destination objects that cannot be weakly referenced, kept alive
         self.refused: dict[tuple, str] = {}  # structures the copy list refused (Unsupported): not rebuilt each step
+        self._listening: weakref.WeakSet = weakref.WeakSet()  # dispatchers that tell this site of new winners
 
     def refresh(self, targets: Sequence[object], owner, source, mode, dispatcher: Dispatcher | None = None) -> None:
         """Copy ``source`` into every object of ``targets`` as the copy list says, in one tuned launch.
@@ -171,12 +173,18 @@ class CallSite:
             raise Unsupported(self.refused[key])
         keys = self._own(targets, owner)
         try:
-            copies = _distinct(self.copies(targets, source, mode))
+            copies = distinct_copies(self.copies(targets, source, mode))
         except Unsupported as exc:
             self.refused[key] = str(exc)
             keys.append(key)
             raise
-        entry = _Binding(copies, source, dispatcher or default_dispatcher("eager"))
+        dispatcher = dispatcher or default_dispatcher("eager")
+        if dispatcher not in self._listening:
+            self._listening.add(dispatcher)
+            dispatcher.on_adopt(self._adopted)
+        entry = _Binding(copies, source, dispatcher)
+        if key in keys:  # dropped for a new winner: bound again, keeping its place at the end
+            keys.remove(key)
         if len(keys) >= BINDINGS_PER_OWNER:
             old = keys.pop(0)
             self.bindings.pop(old, None)
@@ -197,6 +205,14 @@ class CallSite:
                 except TypeError:  # not weak-referenceable: hold it, so its id cannot be reused by another object
                     self._pinned.setdefault(owner, []).append(t)
         return keys
+
+    def _adopted(self, key: str) -> None:
+        """A dispatcher adopted a new winner for ``key`` (on its tuning thread): bindings of the old choice go, and
+        their next step binds the winner. Popping one dict entry at a time is atomic for the serving thread's
+        lookups: a step sees the old binding or none."""
+        for k, binding in list(self.bindings.items()):
+            if binding.key == key:
+                self.bindings.pop(k, None)
 
     def forget(self, owner) -> None:
         """Drop every binding of ``owner`` (called when one of its destination objects is freed)."""

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import click
 import torch
 
 import copytune
+from copytune import log
 
 
 @click.group()
 @click.version_option(copytune.__version__, prog_name="copytune")
-def main() -> None:
-    """Autotuned dispatch of batched small GPU copies."""
+@click.option("-v", "--verbose", count=True, help="Log more: -v each tuned key and start-up step, -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Log errors only (no warnings).")
+def main(verbose: int, quiet: bool) -> None:
+    """Autotuned dispatch of batched small GPU copies.
+
+    Logging: -v/-q here, or COPYTUNE_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR) for any process using copytune.
+    """
+    if quiet or verbose:
+        log.configure(logging.ERROR if quiet else logging.INFO if verbose == 1 else logging.DEBUG, own_handler=True)
 
 
 @main.command()
@@ -106,9 +115,8 @@ def show(cache_path: str | None, as_json: bool) -> None:
     for r in sorted(rows, key=lambda r: (r["device"].get("name", r["device"].get("kind", "")), r["mode"],
                                         describe_signature(r["signature"]))):
         device = str(r["device"].get("name") or r["device"].get("kind"))[:24]
-        speedup = r["baseline_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
         click.echo(f"{device:<24} {describe_signature(r['signature'])[:52]:<52} {r['mode']:<6} {r['strategy']:<18} "
-                   f"{r['time_us']:8.2f} {r['baseline_us']:9.2f} {speedup:7.2f}×")
+                   f"{_times(r)}")
 
 
 @main.command("export")
@@ -390,8 +398,7 @@ def tune(model, batch_sizes, max_lens, mode, forward_mode, device, retune, cache
             rows.append((m, ml, bs, choice, d.store.get(key), key))
     click.echo(f"\n{'mode':<6} {'max_len':>7} {'bs':>4} {'winner':<18} {'µs':>8} {'torch µs':>9} {'speedup':>8} origin")
     for m, ml, bs, choice, row, _ in rows:
-        t = f"{row['time_us']:8.2f} {row['baseline_us']:9.2f} {row['baseline_us'] / row['time_us']:7.2f}×" \
-            if row else f"{'-':>8} {'-':>9} {'-':>8}"
+        t = _times(row) if row else f"{'-':>8} {'-':>9} {'-':>8}"
         click.echo(f"{m:<6} {ml:>7} {bs:>4} {choice.strategy:<18} {t} {choice.origin}")
     keys = len({r[-1] for r in rows})
     store = dispatchers[modes[0]].store
@@ -438,3 +445,12 @@ def run(cache_path, command: tuple[str, ...]) -> None:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:
         raise click.ClickException(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+
+
+def _times(row: dict) -> str:
+    """'µs torch-µs speedup×' of a row; '-' where the baseline failed when it was tuned (unknown)."""
+    base = row["baseline_us"]
+    if base is None:
+        return f"{row['time_us']:8.2f} {'-':>9} {'-':>8}"
+    speedup = base / row["time_us"] if row["time_us"] > 0 else float("inf")
+    return f"{row['time_us']:8.2f} {base:9.2f} {speedup:7.2f}×"

@@ -12,21 +12,32 @@ Untuned default (``tune=False`` and nothing cached): ``triton_unified`` on CUDA 
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
+import math
+import os
 import threading
-import warnings
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
 
+from copytune.background import BackgroundTuner
 from copytune.cache.store import SERVING_BUSY_TIMEOUT_S, Store
 from copytune.kernels import UnsupportedPlan, get_strategy, strategies
+from copytune.log import logger, warn_once
 from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
-from copytune.signature import MODES, device_fingerprint, make_key, shape_signature
+from copytune.neighbours import Neighbours
+from copytune.signature import MODES, describe_signature, device_fingerprint, make_key, shape_signature
 
 DEFAULT_ORDER = ("triton_unified", "torch_foreach", "torch_per_copy")
+# When a signature meets no tuned winner: "inline" tunes on the spot (the call waits, 0.2-0.4 s on an H200 with
+# warm compilers); "deferred" serves it at once (nearest tuned bucket, else the default) and tunes it on a
+# background thread, adopting the winner when done; "never" uses the cache or the default only.
+TUNING = ("inline", "deferred", "never")
+TUNING_ENV = "COPYTUNE_TUNING"  # the process-wide dispatcher's setting (batched_copy, the engine): default deferred
 RUNNER_CACHE_SIZE = 1024
 Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,7 +59,7 @@ def default_strategy(plan: CopyPlan) -> str:
 class Choice:
     strategy: str
     params: dict
-    origin: str  # "pinned", "cache", "tuned" or "default"
+    origin: str  # "pinned", "cache", "tuned", "default", or "interim" (served while the key tunes off the step)
 
 
 class Dispatcher:
@@ -56,15 +67,18 @@ class Dispatcher:
 
     ``cache_path``: the SQLite cache (default ``$COPYTUNE_CACHE`` or ``~/.cache/copytune/cache.db``).
     ``mode``: ``"eager"`` when the caller launches directly (CPU launch cost counts) or ``"graph"`` when the copies
-    are captured in a CUDA graph (GPU time counts). ``tune=False`` never tunes: cache or default only.
-    ``strategy``: pin every batch it supports to this strategy (benchmarks, tests, debugging); no tuning.
+    are captured in a CUDA graph (GPU time counts). ``tuning``: one of TUNING (default ``"inline"``; ``tune=False``
+    is ``"never"``). ``strategy``: pin every batch it supports to this strategy (benchmarks, tests, debugging).
     """
 
-    def __init__(self, cache_path=None, mode: str = "eager", tune: bool = True, *, strategy: str | None = None,
-                 store: Store | None = None, timer=None, pool=None):
+    def __init__(self, cache_path=None, mode: str = "eager", tune: bool = True, *, tuning: str | None = None,
+                 strategy: str | None = None, store: Store | None = None, timer=None, pool=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode, self.tune = mode, tune
+        tuning = tuning or ("inline" if tune else "never")
+        if tuning not in TUNING:
+            raise ValueError(f"tuning must be one of {TUNING}, got {tuning!r}")
+        self.mode, self.tuning = mode, tuning
         # the serving path never waits long on another process's cache write (SERVING_BUSY_TIMEOUT_S)
         self.store = store if store is not None else Store(cache_path, busy_timeout_s=SERVING_BUSY_TIMEOUT_S)
         self._timer, self._pool = timer, pool
@@ -74,6 +88,11 @@ class Dispatcher:
         self._runners: dict[tuple, object] = {}  # exact addresses + geometry -> runner, oldest first
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._neighbours = Neighbours()  # tuned and cached winners by shape class ("deferred": interim choices)
+        self._catalogued: set[torch.device] = set()  # devices whose stored rows are in _neighbours
+        self._background: BackgroundTuner | None = None
+        self._listeners: list = []
+        self.generation = 0  # bumped whenever a winner is adopted off the step: bindings made earlier may rebind
 
     # -- choosing ---------------------------------------------------------------------------------------------
     def key(self, plan: CopyPlan) -> str:
@@ -85,9 +104,9 @@ class Dispatcher:
         return key
 
     def choose(self, plan: CopyPlan, *, retune: bool = False) -> Choice:
-        """The strategy and parameters for ``plan``: memory, else cache, else tune (if allowed), else default.
+        """The strategy and parameters for ``plan``: memory, else cache, else tune (as ``tuning`` says), else default.
 
-        ``retune``: time the candidates again (even with ``tune=False``) and replace what memory and the cache
+        ``retune``: time the candidates again now (whatever ``tuning`` says) and replace what memory and the cache
         hold for this key — after a driver or library upgrade, or to overwrite a noisy measurement.
         """
         key = self.key(plan)
@@ -95,13 +114,47 @@ class Dispatcher:
         if choice is None:
             with self._key_lock(key):  # one tuner per key; lookups and tuning of other keys go on meanwhile
                 choice = None if retune else self._table.get(key)
-                choice = choice or self._forced(plan) or (None if retune else self._cached(key, plan)) \
-                    or self._tuned(key, plan, force=retune) or Choice(default_strategy(plan), {}, "default")
-                self._table[key] = choice
+                if choice is None:
+                    choice = self._forced(plan) or (None if retune else self._cached(key, plan))
+                if choice is None and self.tuning == "deferred" and not retune:
+                    choice = self._interim(key, plan)
+                choice = choice or self._tuned(key, plan, force=retune) or Choice(default_strategy(plan), {}, "default")
+                self._remember(key, plan, choice)
                 if retune:
                     with self._lock:
                         self._runners.clear()  # runners bound to the old winner
         return choice
+
+    def prepare(self, pairs: Pairs | CopyPlan) -> Choice:
+        """Resolve ``pairs``' key now — tuning inline unless ``tuning`` is "never" — so that no later step meets
+        it untuned (an engine's start-up, a warm-up pass). A key served by an interim choice is tuned here."""
+        plan = pairs if isinstance(pairs, CopyPlan) else CopyPlan.from_pairs(pairs)
+        if not plan.pairs:
+            return Choice("torch_per_copy", {}, "default")
+        choice = self.choose(plan) if self.tuning != "deferred" else self._table.get(self.key(plan))
+        if choice is None or choice.origin == "interim":
+            key = self.key(plan)
+            with self._key_lock(key):
+                choice = self._table.get(key)
+                if choice is None or choice.origin == "interim":
+                    choice = self._forced(plan) or self._cached(key, plan) or self._tuned(key, plan, force=True)
+                    if choice is not None:
+                        self._adopt(key, plan, choice)
+                    else:  # the tune failed (warned): the interim choice, or the default, stands
+                        choice = self._table.get(key) or Choice(default_strategy(plan), {}, "default")
+                        self._remember(key, plan, choice)
+        return choice
+
+    def wait_tuned(self, timeout: float | None = None) -> bool:
+        """Block until every key handed to background tuning is done; False if ``timeout`` ran out first."""
+        return self._background is None or self._background.wait(timeout)
+
+    def on_adopt(self, callback) -> None:
+        """Call ``callback(key)`` whenever a winner replaces an interim choice off the step (from the tuning
+        thread): call sites that bound the interim choice drop that binding and bind again on their next step."""
+        with self._lock:
+            if callback not in self._listeners:
+                self._listeners.append(callback)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -119,13 +172,13 @@ class Dispatcher:
             return None
         strategy = strategies().get(row["strategy"])
         if strategy is None or strategy.available(plan.device) is not None or not strategy.supports(plan):
-            warnings.warn(f"copytune: cached winner {row['strategy']!r} for key {key[:12]} is unusable here; "
-                          "ignoring it", RuntimeWarning, stacklevel=4)
+            warn_once(f"unusable-row:{key}", "copytune: cached winner %r for key %s is unusable here; ignoring it",
+                      row["strategy"], key[:12])
             return None
         reason = _invalid_params(strategy, row["params"])
         if reason is not None:  # a hand-edited or foreign row must never break or silence a copy
-            warnings.warn(f"copytune: cached winner for key {key[:12]} has parameters it cannot run ({reason}); "
-                          "ignoring it", RuntimeWarning, stacklevel=4)
+            warn_once(f"bad-params:{key}", "copytune: cached winner for key %s has parameters it cannot run (%s); "
+                      "ignoring it", key[:12], reason)
             return None
         return Choice(row["strategy"], row["params"], "cache")
 
@@ -144,26 +197,97 @@ class Dispatcher:
         return True
 
     def _tuned(self, key: str, plan: CopyPlan, force: bool = False) -> Choice | None:
-        if not (self.tune or force) or not plan.pairs:
+        if not (self.tuning != "never" or force) or not plan.pairs:
             return None
         from copytune import tuner
 
+        t0 = time.perf_counter()
         try:
             result = tuner.tune(plan, self.mode, pool=self._pool or tuner.default_pool(plan.device),
                                 timer=self._timer)
         except Exception as exc:  # noqa: BLE001 - tuning must never take the caller down
-            warnings.warn(f"copytune: tuning failed ({type(exc).__name__}: {exc}); using the default strategy",
-                          RuntimeWarning, stacklevel=4)
+            why = f"{type(exc).__name__}: {exc}"
+            warn_once(f"tune-failed:{why}", "copytune: tuning failed (%s); using the default strategy", why)
             return None
         self.store.put(self._row(key, plan, result))  # publish on tune, not at exit
+        speedup = f"{result.baseline_us / result.time_us:.2f}x per-copy torch" \
+            if result.baseline_us == result.baseline_us and result.time_us > 0 else "baseline failed"
+        logger.info("copytune: tuned %s (%s, key %s) in %.2f s: %s %s, %.2f us, %s", describe_signature(
+            shape_signature(plan)), self.mode, key[:12], time.perf_counter() - t0, result.strategy, result.params,
+            result.time_us, speedup)
         return Choice(result.strategy, result.params, "tuned")
+
+    def _interim(self, key: str, plan: CopyPlan) -> Choice:
+        """"deferred": what serves ``plan`` until its tune ends (the nearest tuned bucket, else the default); the
+        key goes to the background tuner."""
+        if self._background is None:
+            with self._lock:
+                if self._background is None:
+                    self._background = BackgroundTuner(self._tune_off_step)
+        # a plan object of its own: call sites forget their sources on the plan they bound (meta tensors), while
+        # the tune needs the real geometry and alignment (it holds the step's tensors until it ends)
+        self._background.submit(key, copy.copy(plan))
+        self._catalogue(plan.device)
+
+        def usable(choice: Choice) -> bool:
+            s = strategies().get(choice.strategy)
+            return s is not None and s.available(plan.device) is None and s.supports(plan) and \
+                _invalid_params(s, choice.params) is None
+        with self._lock:
+            near = self._neighbours.nearest(shape_signature(plan), usable)
+        return Choice(near.strategy, near.params, "interim") if near else \
+            Choice(default_strategy(plan), {}, "interim")
+
+    def _tune_off_step(self, key: str, plan: CopyPlan) -> None:
+        with self._key_lock(key):
+            current = self._table.get(key)
+            if current is not None and current.origin != "interim":
+                return  # prepare() or a retune got there first
+            choice = self._tuned(key, plan, force=True)
+            if choice is not None:
+                self._adopt(key, plan, choice)
+
+    def _adopt(self, key: str, plan: CopyPlan, choice: Choice) -> Choice:
+        """Make ``choice`` the key's winner from now on; bindings and runners of the interim choice go."""
+        with self._lock:
+            self._remember(key, plan, choice)
+            self._runners.clear()
+            self.generation += 1
+            listeners = list(self._listeners)
+        for callback in listeners:
+            try:
+                callback(key)
+            except Exception as exc:  # noqa: BLE001 - a call site's hook never breaks adoption
+                warn_once(f"listener:{type(exc).__name__}", "copytune: an adoption hook failed (%s: %s)",
+                          type(exc).__name__, exc)
+        return choice
+
+    def _remember(self, key: str, plan: CopyPlan, choice: Choice) -> None:
+        self._table[key] = choice
+        if choice.origin in ("cache", "tuned"):
+            with self._lock:
+                self._neighbours.add(shape_signature(plan), choice)
+
+    def _catalogue(self, device) -> None:
+        """Once per device: the stored winners of this device and mode become neighbour candidates (one SQL read,
+        on the first deferred miss only)."""
+        if device in self._catalogued:
+            return
+        self._catalogued.add(device)
+        fingerprint = device_fingerprint(device)
+        rows = [r for r in self.store.rows() if r["mode"] == self.mode and r["device"] == fingerprint]
+        with self._lock:
+            for r in rows:
+                self._neighbours.add(r["signature"], Choice(r["strategy"], r["params"], "cache"))
 
     def _row(self, key: str, plan: CopyPlan, result) -> dict:
         from copytune import __version__
 
         return {"key": key, "device": device_fingerprint(plan.device), "signature": shape_signature(plan),
                 "mode": self.mode, "strategy": result.strategy, "params": result.params, "time_us": result.time_us,
-                "baseline_us": result.baseline_us, "timings": [t.as_json() for t in result.timings],
+                # None: the baseline failed here; the winner is still exact and stored (its speedup is unknown)
+                "baseline_us": None if math.isnan(result.baseline_us) else result.baseline_us,
+                "timings": [t.as_json() for t in result.timings],
                 "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copytune_version": __version__}
 
     # -- launching --------------------------------------------------------------------------------------------
@@ -211,6 +335,7 @@ class Dispatcher:
         """
         plan = CopyPlan.from_pairs(pairs)
         choice = self.choose(plan) if plan.pairs else Choice("torch_per_copy", {}, "default")
+        key = self.key(plan) if plan.pairs else None
         try:
             launch = get_strategy(choice.strategy).bind(plan, choice.params)
         except UnsupportedPlan:  # e.g. a synced winner whose extension is not built on this machine
@@ -220,7 +345,7 @@ class Dispatcher:
         if bases is not None:
             offsets = _view_offsets(plan, bases)
             launch = _with_offsets(launch, plan, offsets)
-        return BoundCopy(plan, choice, launch, checked, bases, offsets)
+        return BoundCopy(plan, choice, launch, checked, bases, offsets, key)
 
 
 def _invalid_params(strategy, params) -> str | None:
@@ -285,10 +410,12 @@ class BoundCopy:
     """
 
     __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans", "checked",
-                 "checks_sources", "choice", "plan", "sources_forgotten")
+                 "checks_sources", "choice", "key", "plan", "sources_forgotten")
 
-    def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None):
+    def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None,
+                 key: str | None = None):
         self.plan, self.choice, self.checked, self._launch = plan, choice, checked, launch
+        self.key = key  # the dispatcher's key: an interim choice's binding is replaced once the key is tuned
         self._offsets = offsets or [0] * len(plan.pairs)
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
@@ -402,12 +529,25 @@ _default_lock = threading.Lock()
 
 
 def default_dispatcher(mode: str = "eager") -> Dispatcher:
-    """The process-wide dispatcher ``batched_copy`` uses for ``mode`` (cache at the default path)."""
+    """The process-wide dispatcher ``batched_copy`` and the engine integration use for ``mode`` (cache at the
+    default path; tuning ``$COPYTUNE_TUNING``, default "deferred": no serving call waits for a tune)."""
     d = _default.get(mode)
     if d is None:
         with _default_lock:
-            d = _default.setdefault(mode, Dispatcher(mode=mode))
+            d = _default.get(mode)
+            if d is None:
+                d = _default[mode] = Dispatcher(mode=mode, tuning=default_tuning())
     return d
+
+
+def default_tuning() -> str:
+    """``$COPYTUNE_TUNING`` if it names one of TUNING, else "deferred" (a typo is logged, never fatal)."""
+    value = os.environ.get(TUNING_ENV, "").strip().lower() or "deferred"
+    if value not in TUNING:
+        warn_once(f"tuning-env:{value}", "copytune: %s=%r is not one of %s; using deferred", TUNING_ENV, value,
+                  ", ".join(TUNING))
+        return "deferred"
+    return value
 
 
 def batched_copy(pairs: Pairs | CopyPlan, *, mode: str = "eager") -> None:

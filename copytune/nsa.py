@@ -16,22 +16,26 @@ goes to the engine's original code unchanged, and is counted (``stats()``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import inspect
-import logging
 import math
 import operator
+import os
+import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from copytune.callsite import CallSite, Copy, Unsupported
-from copytune.dispatch import Dispatcher
-
-log = logging.getLogger("copytune")
+from copytune.callsite import CallSite, Copy, Unsupported, distinct_copies
+from copytune.dispatch import Dispatcher, default_dispatcher
+from copytune.log import logger as log
+from copytune.log import warn_once
+from copytune.plan import CopyPlan
 
 FORWARD_MODES = ("decode", "target_verify", "draft_extend", "draft_extend_v2")
 TOPK = 2048  # DeepSeek-V3.2's index top-k: the dsa_* sequence lengths are clamped to it
@@ -234,9 +238,33 @@ def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, p
     ``max_len`` is the longest sequence of the step; ``max_context_len`` the buffers' width (default 2·max_len).
     """
     mode = forward_mode_name(forward_mode)
-    g = torch.Generator().manual_seed(seed)
+    pre = example_precomputed(bs, max_len, page_size=page_size, forward_mode=mode, draft_tokens=draft_tokens,
+                              topk=topk, flashmla=flashmla, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
     width = max_context_len or max(2 * max_len, 128)
     n_max = bs if mode == "decode" else bs * draft_tokens
+    max_tokens = n_max + 7  # graph buffers are views of larger [max_num_tokens, ...] allocations
+    page_table_1 = _rand((max_tokens, width), device, g)[:n_max]
+    md = DSAMetadata(
+        cache_seqlens_int32=_rand((max_tokens,), device, g)[:bs],
+        cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:bs + 1],
+        page_table_1=page_table_1,
+        real_page_table=_rand((max_tokens, math.ceil(width / page_size)), device, g)[:n_max] if page_size > 1
+        else page_table_1,
+        dsa_cache_seqlens_int32=_rand((max_tokens,), device, g)[:n_max],
+        dsa_cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:n_max + 1],
+        dsa_seqlens_expanded=_rand((max_tokens,), device, g)[:n_max],
+        flashmla_metadata=FlashMLAMetadata(_rand(FLASHMLA_SCHEDULER_SHAPE, device, g),
+                                           _rand((max_tokens + 1,), device, g)[:n_max + 1]) if flashmla else None)
+    return md, pre
+
+
+def example_precomputed(bs: int, max_len: int, *, page_size: int = 64, forward_mode="decode", draft_tokens: int = 4,
+                        topk: int = TOPK, flashmla: bool = False, device="cpu", seed: int = 0) -> PrecomputedMetadata:
+    """One step's precomputed values as the engine computes them: fresh tensors, ``[bs, max_len]`` page indices
+    (``[bs·draft_tokens, max_seqlen_k]`` in target-verify and draft-extend), random values."""
+    mode = forward_mode_name(forward_mode)
+    g = torch.Generator().manual_seed(seed)
     seqlens = _rand((bs,), "cpu", g, 1, max_len + 1)
     seqlens[int(torch.randint(0, bs, (1,), generator=g))] = max_len  # the step's longest sequence
     if mode == "decode":
@@ -256,26 +284,12 @@ def make_example(bs: int, max_len: int, max_context_len: int | None = None, *, p
     size = expanded.numel()
     flash = FlashMLAMetadata(_rand(FLASHMLA_SCHEDULER_SHAPE, device, g), _rand((size + 1,), device, g)) \
         if flashmla else None
-    pre = PrecomputedMetadata(
+    return PrecomputedMetadata(
         cache_seqlens=kv.to(device), cu_seqlens_k=_cu(kv).to(device),
         req_pool_indices=torch.arange(bs, dtype=torch.int64, device=device), page_indices=page_indices.to(device),
         real_page_table=None if real is None else real.to(device), seqlens_expanded=expanded.to(device),
         dsa_cache_seqlens=clamped.to(device), dsa_cu_seqlens_k=_cu(clamped).to(device), seqlens_expanded_size=size,
         max_len=max_len if mode == "decode" else -1, max_seqlen_k=cols, flashmla_metadata=flash)
-    max_tokens = n_max + 7  # graph buffers are views of larger [max_num_tokens, ...] allocations
-    page_table_1 = _rand((max_tokens, width), device, g)[:n_max]
-    md = DSAMetadata(
-        cache_seqlens_int32=_rand((max_tokens,), device, g)[:bs],
-        cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:bs + 1],
-        page_table_1=page_table_1,
-        real_page_table=_rand((max_tokens, math.ceil(width / page_size)), device, g)[:n_max] if page_size > 1
-        else page_table_1,
-        dsa_cache_seqlens_int32=_rand((max_tokens,), device, g)[:n_max],
-        dsa_cu_seqlens_k=_rand((max_tokens + 1,), device, g)[:n_max + 1],
-        dsa_seqlens_expanded=_rand((max_tokens,), device, g)[:n_max],
-        flashmla_metadata=FlashMLAMetadata(_rand(FLASHMLA_SCHEDULER_SHAPE, device, g),
-                                           _rand((max_tokens + 1,), device, g)[:n_max + 1]) if flashmla else None)
-    return md, pre
 
 
 # -- the engine seams -----------------------------------------------------------------------------------------
@@ -430,7 +444,92 @@ def _patch_multi_kernel(_module, original):
     return fused_metadata_copy_multi_cuda
 
 
+def prepare(backend, bs: int, forward_mode, *, max_lens: Sequence[int] | None = None,
+            dispatcher: Dispatcher | None = None) -> int:
+    """Tune the refresh of ``backend``'s graph buffers for batch size ``bs`` now, so that no serving step meets it
+    untuned: what the integration does while the engine captures its CUDA graphs. For each of ``max_lens`` (page-table
+    columns; default ``startup_max_lens()``, capped to the buffers' width) the copy list is built against the
+    backend's real buffers from a step's worth of example sources, and its key resolved (cache, else tuned here).
+    Keys of other widths and alignments are then served by their nearest tuned neighbour while they tune off the
+    step. Returns how many keys were tuned (not found in memory or the cache)."""
+    metadata = backend.decode_cuda_graph_metadata[bs]
+    mode = forward_mode_name(forward_mode)
+    if mode == "draft_extend" or metadata.page_table_1 is None:
+        return 0  # 0.5.10's draft-extend copies a size that changes every step; nothing fixed to tune
+    d = dispatcher or default_dispatcher("eager")
+    page_size = getattr(backend, "physical_page_size", None) or getattr(backend, "real_page_size", 1)
+    draft = getattr(backend, "speculative_num_draft_tokens", None) or 1
+    width = metadata.page_table_1.shape[1]
+    tuned = 0
+    for max_len in max_lens or startup_max_lens():
+        cols = max(1, min(max_len, width - (draft if mode != "decode" else 0)))
+        pre = example_precomputed(bs, cols, page_size=page_size, forward_mode=mode, draft_tokens=draft,
+                                  flashmla=metadata.flashmla_metadata is not None,
+                                  device=metadata.cache_seqlens_int32.device)
+        copies = distinct_copies(_from_precomputed((metadata,), pre, mode))
+        tuned += d.prepare(CopyPlan.from_pairs([(c.src, c.dst) for c in copies])).origin == "tuned"
+    return tuned
+
+
+STARTUP_MAX_LENS_ENV = "COPYTUNE_STARTUP_MAX_LENS"
+STARTUP_MAX_LENS = (4096,)  # one width per captured batch size: other widths start from this one's winner
+
+
+def startup_max_lens() -> tuple[int, ...]:
+    """``$COPYTUNE_STARTUP_MAX_LENS`` ("1024,8192"; "0" or "none" turns start-up tuning off), else STARTUP_MAX_LENS."""
+    raw = os.environ.get(STARTUP_MAX_LENS_ENV, "").strip().lower()
+    if not raw:
+        return STARTUP_MAX_LENS
+    if raw in ("0", "none", "off"):
+        return ()
+    try:
+        return tuple(int(x) for x in raw.split(",") if int(x) > 0)
+    except ValueError:
+        warn_once(f"startup-env:{raw}", "copytune: %s=%r is not a list of integers; using %s", STARTUP_MAX_LENS_ENV,
+                  raw, STARTUP_MAX_LENS)
+        return STARTUP_MAX_LENS
+
+
+STARTUP = Counter()  # start-up tuning: batch sizes prepared, keys tuned, seconds
+
+
+def _patch_capture(cls, original):
+    """The engine builds a batch size's graph buffers while it captures its CUDA graphs (0.5.23
+    ``_build_forward_metadata_cuda_graph``, 0.5.10 ``init_forward_metadata_capture_cuda_graph``): right after,
+    the refresh of those buffers is tuned (``prepare``), off any capture, on a stream of its own. A failure is
+    logged once and never reaches the engine's start-up."""
+    signature = inspect.signature(original)
+    if not {"bs", "forward_mode"} <= set(signature.parameters):
+        raise Unsupported(f"{cls.__name__}.{original.__name__}{signature} takes no bs and forward_mode")
+
+    def capture(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not startup_max_lens():
+            return out
+        try:
+            call = signature.bind(self, *args, **kwargs).arguments
+            device = self.decode_cuda_graph_metadata[call["bs"]].cache_seqlens_int32.device
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return out  # never inside a capture: the first step's key tunes off the step instead
+            t0 = time.perf_counter()
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                tuned = prepare(self, call["bs"], call["forward_mode"])
+            if stream is not None:
+                stream.synchronize()
+            seconds = time.perf_counter() - t0
+            STARTUP.update({"batch sizes": 1, "keys tuned": tuned, "ms": round(seconds * 1e3)})
+            log.info("copytune: start-up tuning, bs %d %s: %d key(s) tuned in %.2f s", call["bs"],
+                     forward_mode_name(call["forward_mode"]), tuned, seconds)
+        except Exception as exc:  # noqa: BLE001 - the engine's start-up must go on
+            warn_once(f"startup:{type(exc).__name__}", "copytune: start-up tuning skipped (%s: %s); keys tune off "
+                      "the serving steps instead", type(exc).__name__, exc)
+        return out
+    return capture
+
+
 REPLAY_METHOD = "init_forward_metadata_replay_cuda_graph_from_precomputed"
+CAPTURE_METHODS = ("_build_forward_metadata_cuda_graph", "init_forward_metadata_capture_cuda_graph")
 SEAM_METHOD = "_copy_base_replay_buffers"
 MULTISTEP_METHODS = ("init_forward_metadata_out_graph", "init_forward_metadata_replay_cuda_graph")
 # (module, backend class, multi-step class, module of the multi-backend kernel): newest layout first
@@ -475,6 +574,9 @@ def install(backend_cls: type | None = None, multistep_cls: type | None = None, 
             return False
         backend_cls, multistep_cls, kernel = found
     if backend_cls is not None:
+        capture = next((name for name in CAPTURE_METHODS if hasattr(backend_cls, name)), None)
+        if capture is not None:
+            _set(backend_cls, capture, _patch_capture)
         if hasattr(backend_cls, SEAM_METHOD):
             _set(backend_cls, SEAM_METHOD, _patch_seam)
         elif hasattr(backend_cls, REPLAY_METHOD):
@@ -489,8 +591,22 @@ def install(backend_cls: type | None = None, multistep_cls: type | None = None, 
     if kernel is not None and hasattr(kernel, MULTI_KERNEL):
         _set(kernel, MULTI_KERNEL, _patch_multi_kernel)
     if _installed:
-        log.info("copytune: serving the engine's metadata copies; patched %s", ", ".join(installed()))
+        store = default_dispatcher("eager").store
+        log.info("copytune: serving %s's metadata copies (tuning %s); patched %s; cache %s (%d keys)",
+                 _engine_version(), default_dispatcher("eager").tuning, ", ".join(installed()), store.path,
+                 len(store.rows()))
     return bool(_installed)
+
+
+def _engine_version() -> str:
+    """'sglang 0.5.23' as installed, else as its loaded package says; 'sglang' when neither tells."""
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return f"sglang {metadata.version('sglang')}"
+    except metadata.PackageNotFoundError:
+        version = getattr(sys.modules.get("sglang"), "__version__", None)
+        return f"sglang {version}" if version else "sglang"
 
 
 def installed() -> list[str]:

@@ -633,6 +633,32 @@ class Engine:
             flashmla_metadata=flashmla.slice(slice(0, rows + 1)) if flashmla is not None else None,
         )
 
+    def capturing_backend(self, bs_list: Sequence[int], *, mode: str = "decode", **geometry: Any) -> tuple:
+        """``(cls, backend, capture)``: a backend whose class is ``Backend`` with its capture method (0.5.23
+        ``_build_forward_metadata_cuda_graph``, 0.5.10 ``init_forward_metadata_capture_cuda_graph``) standing in
+        under the same name and signature — building the real buffers needs a model — handing over the buffers
+        ``make_backend`` builds, one batch size per call, as the engine's capture does. ``capture(bs)`` calls it
+        the way the engine's graph runner does; ``nsa.install(cls)`` patches ``cls`` alone."""
+        name = next(n for n in ("_build_forward_metadata_cuda_graph", "init_forward_metadata_capture_cuda_graph")
+                    if hasattr(self.Backend, n))
+        signature = inspect.signature(getattr(self.Backend, name))
+        backend = self.make_backend(bs_list, mode=mode, **geometry)
+        buffers, backend.decode_cuda_graph_metadata = backend.decode_cuda_graph_metadata, {}
+
+        def capture_stand_in(self, *args, **kwargs):
+            bs = signature.bind(self, *args, **kwargs).arguments["bs"]
+            self.decode_cuda_graph_metadata[bs] = buffers[bs]
+        capture_stand_in.__signature__ = signature
+        cls = type(f"Capturing{self.Backend.__name__}", (self.Backend,), {name: capture_stand_in})
+        backend.__class__ = cls
+        required = [p for p in list(signature.parameters)[1:]
+                    if signature.parameters[p].default is inspect.Parameter.empty]
+        forward_mode = self.forward_mode(mode)
+
+        def capture(bs: int) -> None:
+            getattr(backend, name)(**{**dict.fromkeys(required), "bs": bs, "forward_mode": forward_mode})
+        return cls, backend, capture
+
     def make_multistep(self, n_backends: int, bs_list: Sequence[int], *, page_size: int = 64,
                        flashmla: bool = False, real_page_table: bool = True, max_context_len: int = 256,
                        draft_tokens: int = 4, device: Any = "cpu", seed: int = 0, speculative_step_id: int = 0,

@@ -25,13 +25,13 @@ import math
 import statistics
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from copytune.kernels import Strategy, get_strategy, strategies
+from copytune.log import warn_once
 from copytune.plan import MAX_ALIGN, CopyPlan, span_bytes
 
 BASELINE = "torch_per_copy"
@@ -236,8 +236,9 @@ class _Limited:
             if failure is None:
                 return self._exclude(timing, box["error"])
             exc = box["error"]
-            warnings.warn(f"copytune: {timing.strategy} {timing.params}: {failure} ({type(exc).__name__}: {exc})",
-                          RuntimeWarning, stacklevel=3)
+            why = f"{type(exc).__name__}: {exc}"
+            warn_once(f"{failure}:{timing.strategy}:{why}", "copytune: %s %s: %s (%s)", timing.strategy,
+                      timing.params, failure, why)
             return None
         return box["value"]
 
@@ -253,8 +254,8 @@ class _Limited:
     def _exclude(timing: Timing, exc: BaseException) -> None:
         timing.reason = f"{type(exc).__name__}: {exc}"
         timing.time_us = None
-        warnings.warn(f"copytune: {timing.strategy} {timing.params} excluded: {timing.reason}", RuntimeWarning,
-                      stacklevel=4)
+        warn_once(f"excluded:{timing.strategy}:{timing.params}:{timing.reason}", "copytune: %s %s excluded: %s",
+                  timing.strategy, timing.params, timing.reason)
 
 
 def default_pool(device: torch.device) -> dict[str, Strategy]:

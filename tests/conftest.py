@@ -4,7 +4,10 @@ the suite's own, so no test reads or writes the user's winners.
 TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before copytune is imported.
 """
 
+import contextlib
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -44,3 +47,26 @@ def _session_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COPYTUNE_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_causes():
+    """Problems are logged once per cause per process; each test starts with none seen."""
+    from copytune.log import forget_causes
+
+    forget_causes()
+
+
+@pytest.fixture
+def logged(caplog):
+    """``with logged("pattern"):`` — the block logged a copytune record of at least WARNING matching ``pattern``
+    (``logged(pattern, logging.INFO)`` for operator lines). Yields caplog for further checks."""
+
+    @contextlib.contextmanager
+    def expect(pattern: str, level: int = logging.WARNING):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="copytune"):
+            yield caplog
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("copytune")]
+        assert any(r.levelno >= level and re.search(pattern, r.getMessage()) for r in caplog.records), lines
+    return expect

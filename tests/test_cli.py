@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,14 +201,40 @@ def test_a_device_that_is_not_here_is_one_line(tmp_path, command, device):
     assert not (tmp_path / "c.db").exists()
 
 
-def test_tune_that_could_not_save_exits_1(tmp_path):
+@pytest.mark.parametrize("kind", ["corrupt", "unwritable"])
+def test_tune_that_could_not_save_exits_1(tmp_path, kind):
     """A provisioning script must not believe the node is tuned when the cache file is unusable."""
     cache = tmp_path / "c.db"
-    cache.write_bytes(b"not a database, a user's notes\n" * 40)
+    if kind == "corrupt":
+        cache.write_bytes(b"not a database, a user's notes\n" * 40)
+    else:  # a path no process can create (root ignores file modes, not /proc)
+        cache = Path("/proc/copytune-test/c.db")
     result = CliRunner().invoke(main, ["tune", "--model", "nsa", "--batch-sizes", "1", "--max-len", "64", "--mode",
                                        "eager", "--device", "cpu", "--cache", str(cache)])
     assert result.exit_code == 1 and "the winners were not saved" in result.output, result.output
-    assert cache.read_bytes() == b"not a database, a user's notes\n" * 40
+    if kind == "corrupt":
+        assert cache.read_bytes() == b"not a database, a user's notes\n" * 40
+
+
+@pytest.mark.parametrize("version", ["abc", "2.0", None])
+@pytest.mark.parametrize("command", [["show"], ["export", "{out}"], ["clear"], ["import", "{bundle}"]])
+def test_a_cache_of_a_foreign_schema_version_is_one_line_everywhere(tmp_path, version, command):
+    import sqlite3
+
+    from copytune.cache.store import Store
+
+    cache = tmp_path / "c.db"
+    Store(cache).rows()  # creates the schema
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (version,))
+    before = cache.read_bytes()
+    bundle = tmp_path / "b.json"
+    bundle.write_text('{"format": "copytune-bundle", "version": 1, "entries": []}')
+    args = [a.format(out=tmp_path / "out.json", bundle=bundle) for a in command]
+    result = CliRunner().invoke(main, [*args, "--cache", str(cache)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert cache.read_bytes() == before
 
 
 def test_tune_on_a_cpu_says_so_and_skips_graph_mode(tmp_path):

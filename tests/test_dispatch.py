@@ -67,19 +67,19 @@ def test_tune_false_uses_the_default(tmp_path):
     assert Store(tmp_path / "cache.db").rows() == []
 
 
-def test_unusable_cached_winner_is_ignored(tmp_path):
+def test_unusable_cached_winner_is_ignored(logged, tmp_path):
     d = make_dispatcher(tmp_path)
     plan = CopyPlan.from_pairs(pairs_of(4))
     d.copy(plan)
     store = Store(tmp_path / "cache.db")
     row = store.get(d.key(plan))
     store.put({**row, "strategy": "retired_strategy"})
-    with pytest.warns(RuntimeWarning, match="retired_strategy"):
+    with logged("retired_strategy"):
         assert make_dispatcher(tmp_path, tune=False).choose(plan).origin == "default"
 
 
 @pytest.mark.parametrize("params", [{"block": -1024, "num_warps": 4}, {"block": 3, "num_warps": 4}, "1024", None])
-def test_a_cached_winner_with_parameters_it_cannot_run_is_a_miss_and_the_copy_is_exact(tmp_path, params):
+def test_a_cached_winner_with_parameters_it_cannot_run_is_a_miss_and_the_copy_is_exact(logged, tmp_path, params):
     """A hand-edited row (a block that copies nothing, one that does not compile, not an object) never breaks or
     silences a copy: one warning, the default strategy, exact bytes."""
     d = make_dispatcher(tmp_path)
@@ -91,26 +91,26 @@ def test_a_cached_winner_with_parameters_it_cannot_run_is_a_miss_and_the_copy_is
     fresh = make_dispatcher(tmp_path, tune=False)
     for _, dst in pairs:
         dst.fill_(-7)
-    with pytest.warns(RuntimeWarning, match="cannot run|ignored|ignoring it"):
+    with logged("cannot run|ignored|ignoring it"):
         fresh.copy(pairs)
     assert fresh.choose(plan).origin == "default"
     assert all(torch.equal(s, d_) for s, d_ in pairs)
 
 
-def test_corrupt_cache_still_copies_and_keeps_the_file(tmp_path):
+def test_corrupt_cache_still_copies_and_keeps_the_file(logged, tmp_path):
     path = tmp_path / "cache.db"
     path.write_bytes(b"\x00garbage" * 100)
     d = Dispatcher(path, pool=torch_only_pool())
     src, dst = torch.arange(10), torch.zeros(10, dtype=torch.int64)
-    with pytest.warns(RuntimeWarning, match="cache disabled"):
+    with logged("cache disabled"):
         d.copy([(src, dst)])
     assert torch.equal(src, dst) and path.read_bytes() == b"\x00garbage" * 100
 
 
-def test_unwritable_cache_works_in_memory():
+def test_unwritable_cache_works_in_memory(logged):
     d = Dispatcher("/proc/copytune-test/cache.db", pool=torch_only_pool())
     src, dst = torch.arange(10), torch.zeros(10, dtype=torch.int64)
-    with pytest.warns(RuntimeWarning, match="cache disabled"):
+    with logged("cache disabled"):
         d.copy([(src, dst)])
     assert torch.equal(src, dst) and d.choose(CopyPlan.from_pairs([(src, dst)])).origin == "tuned"
 
@@ -359,7 +359,7 @@ def test_retune_replaces_the_stored_winner(tmp_path):
     assert Dispatcher(tmp_path / "c.db", tune=False).choose(plan).strategy == "torch_per_copy"
 
 
-def test_the_serving_path_never_waits_long_on_a_locked_cache(tmp_path):
+def test_the_serving_path_never_waits_long_on_a_locked_cache(logged, tmp_path):
     """Another process holds the cache's write lock: a serving call's tune still copies exactly, its row is
     skipped with one warning after SERVING_BUSY_TIMEOUT_S (not the commands' 10 s)."""
     import sqlite3
@@ -376,9 +376,42 @@ def test_the_serving_path_never_waits_long_on_a_locked_cache(tmp_path):
         d = Dispatcher(path, pool=torch_only_pool())
         assert d.store.busy_timeout_s == SERVING_BUSY_TIMEOUT_S < BUSY_TIMEOUT_S
         pairs = pairs_of(4)
-        with pytest.warns(RuntimeWarning, match="stayed locked"):
+        with logged("stayed locked"):
             d.copy(pairs)
         assert all(torch.equal(s, t) for s, t in pairs)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+class _BrokenBaseline:
+    """torch_per_copy whose bind fails (the baseline itself cannot run here)."""
+
+    def __init__(self):
+        self._real = get_strategy("torch_per_copy")
+        self.name = "torch_per_copy"
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def bind(self, plan, params=None):
+        raise RuntimeError("baseline broken")
+
+
+def test_a_winner_whose_baseline_failed_is_stored_and_served_from_the_cache(tmp_path):
+    """The baseline is only the yardstick: when it fails, the exact winner is still stored (speedup unknown) and a
+    later process serves it from the cache instead of ignoring the row forever."""
+    from click.testing import CliRunner
+
+    from copytune.cli import main
+
+    pool = {"torch_foreach": get_strategy("torch_foreach"), "torch_per_copy": _BrokenBaseline()}
+    plan = CopyPlan.from_pairs(pairs_of(4)[:1])
+    first = Dispatcher(tmp_path / "c.db", pool=pool, timer=lambda step, mode, dev: 1.0)
+    assert first.choose(plan).strategy == "torch_foreach"
+    row = Store(tmp_path / "c.db").get(first.key(plan))
+    assert row is not None and row["baseline_us"] is None
+    again = Dispatcher(tmp_path / "c.db", tune=False)
+    assert (again.choose(plan).strategy, again.choose(plan).origin) == ("torch_foreach", "cache")
+    out = CliRunner().invoke(main, ["show", "--cache", str(tmp_path / "c.db")])
+    assert out.exit_code == 0 and "torch_foreach" in out.output, out.output

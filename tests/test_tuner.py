@@ -93,9 +93,9 @@ def test_eager_ties_go_to_the_least_gpu_time(plan):
     (Fake("bad", raises="bind"), "compile failed"),
     (Fake("bad", raises="launch"), "launch failed"),
 ])
-def test_broken_candidates_never_win_and_are_recorded(plan, fake, reason):
+def test_broken_candidates_never_win_and_are_recorded(logged, plan, fake, reason):
     pool = {"bad": fake, "torch_per_copy": get_strategy("torch_per_copy")}
-    with pytest.warns(RuntimeWarning, match="bad .* excluded"):
+    with logged("bad .* excluded"):
         result = tune(plan, "eager", pool=pool, timer=scripted({"bad": 0.1, "torch_per_copy": 5.0}))
     assert result.strategy == "torch_per_copy"
     bad = next(t for t in result.timings if t.strategy == "bad")
@@ -163,8 +163,13 @@ class Raising(Fake):
             raise KeyError("layout")
         return True
 
+    def candidates(self, plan):
+        if self.where == "candidates":
+            raise ValueError("no tile shape fits")
+        return super().candidates(plan)
 
-@pytest.mark.parametrize("where", ["available", "supports"])
+
+@pytest.mark.parametrize("where", ["available", "supports", "candidates"])
 def test_a_strategy_that_raises_while_asked_is_excluded_not_fatal(plan, where):
     pool = {"broken": Raising("broken", where), "torch_per_copy": get_strategy("torch_per_copy")}
     result = tune(plan, "eager", pool=pool, timer=scripted({"broken": 0.1, "torch_per_copy": 5.0}))
@@ -180,9 +185,9 @@ def test_a_time_that_is_no_measurement_never_wins(plan, bad):
         "torch_per_copy"
 
 
-def test_when_nothing_runs_the_error_says_why(plan):
+def test_when_nothing_runs_the_error_says_why(logged, plan):
     pool = {"bad": Fake("bad", raises="launch"), "torch_per_copy": Fake("torch_per_copy", wrong=True)}
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no candidate ran exactly: .*launch failed"):
+    with logged("."), pytest.raises(RuntimeError, match="no candidate ran exactly: .*launch failed"):
         tune(plan, "eager", pool=pool, timer=scripted({"bad": 1.0, "torch_per_copy": 2.0}))
 
 
@@ -215,15 +220,15 @@ class Flaky(Fake):
     (Flaky("flaky", after=3), "wrong bytes"),
     (Flaky("flaky", scribbles=True), "source of pair 0 was written"),
 ])
-def test_a_candidate_wrong_now_and_then_or_writing_its_source_never_wins(plan, fake, why):
+def test_a_candidate_wrong_now_and_then_or_writing_its_source_never_wins(logged, plan, fake, why):
     pool = {"flaky": fake, "torch_per_copy": get_strategy("torch_per_copy")}
-    with pytest.warns(RuntimeWarning, match="flaky .* excluded"):
+    with logged("flaky .* excluded"):
         result = tune(plan, "eager", pool=pool, timer=scripted({"flaky": 0.1, "torch_per_copy": 5.0}))
     assert result.strategy == "torch_per_copy"
     assert why in next(t for t in result.timings if t.strategy == "flaky").reason
 
 
-def test_a_candidate_that_goes_wrong_during_timing_is_caught_after_it(plan):
+def test_a_candidate_that_goes_wrong_during_timing_is_caught_after_it(logged, plan):
     fake = Flaky("late", after=9)  # exact through the 8 checks before timing, wrong from the timed calls on
     pool = {"late": fake, "torch_per_copy": get_strategy("torch_per_copy")}
 
@@ -232,7 +237,7 @@ def test_a_candidate_that_goes_wrong_during_timing_is_caught_after_it(plan):
         for i in range(5):
             step(i)
         return {"late": 0.1}.get(LAST[-1], 5.0) if LAST else 5.0
-    with pytest.warns(RuntimeWarning, match="late .* excluded"):
+    with logged("late .* excluded"):
         assert tune(plan, "eager", pool=pool, timer=timer).strategy == "torch_per_copy"
 
 
@@ -281,7 +286,7 @@ def test_a_baseline_that_disagrees_with_its_remeasure_is_timed_again_with_the_fi
     assert (result.strategy, result.baseline_us) == ("fast", 9.9)
 
 
-def test_timings_that_never_repeat_store_nothing(plan, tmp_path):
+def test_timings_that_never_repeat_store_nothing(logged, plan, tmp_path):
     from copytune import Dispatcher
     from copytune.cache.store import Store
     from copytune.tuner import ROUNDS, NoisyTiming
@@ -291,7 +296,7 @@ def test_timings_that_never_repeat_store_nothing(plan, tmp_path):
     with pytest.raises(NoisyTiming, match=r"torch_per_copy 500.00 µs, then 5.00 µs.*nothing stored"):
         tune(plan, "eager", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
     d = Dispatcher(tmp_path / "c.db", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
-    with pytest.warns(RuntimeWarning, match="tuning failed .*NoisyTiming"):
+    with logged("tuning failed .*NoisyTiming"):
         assert d.choose(plan).origin == "default"
     assert Store(tmp_path / "c.db").get(d.key(plan)) is None
 
@@ -316,7 +321,7 @@ class Hanging(Fake):
 
 
 @pytest.mark.parametrize("where", ["bind", "timing"])
-def test_a_hanging_candidate_is_excluded_at_its_time_limit(plan, where):
+def test_a_hanging_candidate_is_excluded_at_its_time_limit(logged, plan, where):
     import time
 
     fake = Hanging("stuck", where)
@@ -328,7 +333,7 @@ def test_a_hanging_candidate_is_excluded_at_its_time_limit(plan, where):
         return 5.0
     t0 = time.perf_counter()
     try:
-        with pytest.warns(RuntimeWarning, match="stuck .* excluded: TimeLimit: no result within its 0.5 s"):
+        with logged("stuck .* excluded: TimeLimit: no result within its 0.5 s"):
             result = tune(plan, "eager", pool=pool, timer=timer, time_limit_s=0.5)
     finally:
         fake.release.set()

@@ -11,11 +11,12 @@ import json
 import os
 import sqlite3
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from copytune.log import logger
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0  # commands (tune, import, clear): wait for another process's write
@@ -108,7 +109,7 @@ class Store:
     def _warn(self, tag: str, message: str) -> None:
         if tag not in self._warned:
             self._warned.add(tag)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            logger.warning(message)
 
     def _run(self, what: str, fn, default=None):
         """Run ``fn(db)`` under the store's lock; a lock held too long or an I/O error is a warning, not a crash."""
@@ -233,6 +234,8 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(out[name], str) or not out[name]:
             raise TypeError(f"{name} must be a non-empty string")
     for name in ("time_us", "baseline_us"):
+        if out[name] is None and name == "baseline_us":
+            continue  # the baseline failed where it was tuned: the winner stands, its speedup is unknown
         if out[name] is None or not float(out[name]) >= 0:
             raise ValueError(f"{name} must be a non-negative number, got {out[name]!r}")
         out[name] = float(out[name])

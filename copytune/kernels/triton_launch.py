@@ -11,12 +11,13 @@ every launch takes the interpreter's normal path.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from copytune.log import logger
 
 INTERPRET = triton.runtime.interpreter.InterpretedFunction if hasattr(triton.runtime, "interpreter") else ()
 
@@ -94,8 +95,8 @@ def _warn_once(why: str) -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"copytune: Triton {triton.__version__}'s compiled launcher is not usable ({why}); "
-                      "using the normal call path (slower launches)", RuntimeWarning, stacklevel=3)
+        logger.warning("copytune: Triton %s's compiled launcher is not usable (%s); using the normal call path "
+                       "(slower launches)", triton.__version__, why)
 
 
 def _raw_stream(index: int) -> int:

@@ -212,6 +212,13 @@ def test_every_new_source_is_checked_before_any_launch(built):
     assert not run(fresh)
     torch.cuda.synchronize()
     assert torch.equal(dsts[0], good) and torch.equal(dsts[1], fresh.inner.b)
+    holder = SimpleNamespace(a=good, inner=SimpleNamespace(b=bad[next(iter(bad))]))
+    refs = (sys.getrefcount(holder), sys.getrefcount(holder.inner), sys.getrefcount(good),
+            sys.getrefcount(holder.inner.b))
+    for _ in range(5):  # the attribute path's references (PyObject_GetAttr) are released on the error path too
+        assert "source 1 has shape [2]" in run(holder)
+    assert refs == (sys.getrefcount(holder), sys.getrefcount(holder.inner), sys.getrefcount(good),
+                    sys.getrefcount(holder.inner.b))
     assert "no attribute inner.b" in run(SimpleNamespace(a=good, inner=None))
     assert "source 1 has shape [2]" in run(SimpleNamespace(a=good, inner=SimpleNamespace(b=bad[next(iter(bad))])))
 
