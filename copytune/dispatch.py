@@ -540,6 +540,16 @@ def default_dispatcher(mode: str = "eager") -> Dispatcher:
     return d
 
 
+def set_default_dispatcher(dispatcher: Dispatcher, mode: str = "eager") -> Dispatcher | None:
+    """Make ``dispatcher`` the process-wide one for ``mode`` (``batched_copy``, the engine integration); returns the
+    one it replaces (benchmarks put an inline-tuning one in place: nothing may tune in the background while they
+    time)."""
+    with _default_lock:
+        previous = _default.get(mode)
+        _default[mode] = dispatcher
+    return previous
+
+
 def default_tuning() -> str:
     """``$COPYTUNE_TUNING`` if it names one of TUNING, else "deferred" (a typo is logged, never fatal)."""
     value = os.environ.get(TUNING_ENV, "").strip().lower() or "deferred"

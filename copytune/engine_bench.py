@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from copytune import benchmark, nsa, sglang_oracle
+from copytune import benchmark, dispatch, nsa, sglang_oracle
 
 SETS = 4  # rotating precomputed sets; the page table gains a column each
 
@@ -153,11 +153,15 @@ def run(version: str, batch_sizes: Sequence[int], max_lens: Sequence[int], backe
         kernel = engine.module(nsa.ENGINE_LAYOUTS[0 if engine.layout == "dsa" else 1][3])
     except Exception as exc:  # noqa: BLE001 - no JIT toolchain: the engine falls back, and so is it measured
         progress(f"# the engine's JIT kernel module does not load here: {exc}")
+    # tuned on first use, before any timing: no key may tune in the background while the rows are timed
+    previous = dispatch.set_default_dispatcher(dispatch.Dispatcher(tuning="inline"))
     nsa.install(engine.Backend, engine.MultiStepBackend, kernel)
     try:
         return _sweep(engine, classes, kernel, batch_sizes, max_lens, backends, device, progress)
     finally:
         nsa.uninstall()
+        if previous is not None:
+            dispatch.set_default_dispatcher(previous)
 
 
 def _sweep(engine, classes, kernel, batch_sizes, max_lens, backends, device, progress) -> dict:

@@ -377,8 +377,9 @@ def _graph_time(step, device, calls: int, repeats: int, per_graph: int = 20) -> 
             step(i)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    # thread-local: tuning may run inside a serving process whose other threads keep launching work
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # thread-local, on this call's own stream: tuning may run on a background thread of a serving process whose
+    # other threads keep launching work (torch.cuda.graph's default capture stream is one per process, shared)
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         for i in range(per_graph):
             step(i)
     graph.replay()
