@@ -46,6 +46,9 @@ EAGER_TIE = 0.10
 # and then copied wrong bytes every call.
 CHECKED_RUNS = 8
 ROUNDS = 5  # round-robin timing rounds: every candidate is timed once per round, the median of its rounds counts
+# After 3 rounds (a median that already rejects one outlier), a candidate 1.5x the leader's slowest sample at best is
+# no longer timed; the baseline always is (its time is the yardstick stored with the winner)
+CLEAR_AFTER, CLEAR_MARGIN = 3, 1.5
 SPREAD_LIMIT = 0.25  # median absolute deviation over median past which a candidate is timed ROUNDS more
 AGREEMENT = 2.0  # the winner's or the baseline's re-measure this many times off (either way): the timings are noise
 TIME_LIMIT_S = 120.0  # per candidate, compile and checks included; a cold Triton compile takes a few seconds
@@ -171,12 +174,17 @@ def _spread(samples: list[float]) -> float | None:
 
 def _time_rounds(field_: list[Timing], steps: dict, run: _Limited, timer: Timer, mode: str, device) -> None:
     """ROUNDS round-robin rounds over ``field_`` (each round starting one candidate later, so none is always
-    timed first), ROUNDS more for those whose samples spread past SPREAD_LIMIT; ``time_us`` is the median."""
+    timed first), ROUNDS more for those whose samples spread past SPREAD_LIMIT; ``time_us`` is the median.
+    From round CLEAR_AFTER on, a candidate whose fastest sample is CLEAR_MARGIN times the leader's slowest is
+    out of the running and timed no more (start-up tuning times a dozen candidates per batch size), the baseline
+    excepted."""
     for t in field_:
         t.samples = []
     for extra in (False, True):
         todo = [t for t in field_ if t.reason is None and (not extra or (_spread(t.samples) or 0) > SPREAD_LIMIT)]
         for r in range(ROUNDS if todo else 0):
+            if r >= CLEAR_AFTER and not extra:
+                todo = _still_running(todo)
             for t in todo[r % len(todo):] + todo[:r % len(todo)]:
                 if t.reason is None:
                     sample = run(t, lambda t=t: float(timer(steps[id(t)], mode, device)))
@@ -184,6 +192,16 @@ def _time_rounds(field_: list[Timing], steps: dict, run: _Limited, timer: Timer,
                         t.samples.append(sample)
     for t in field_:
         t.time_us = statistics.median(t.samples) if t.reason is None and t.samples else None
+
+
+def _still_running(todo: list[Timing]) -> list[Timing]:
+    """``todo`` without the candidates clearly slower than the leader (every sample measured and positive)."""
+    timed = [t for t in todo if t.reason is None and t.samples and all(_measured(x) for x in t.samples)]
+    if len(timed) < 2:
+        return todo
+    leader = min(timed, key=lambda t: statistics.median(t.samples))
+    bar = CLEAR_MARGIN * max(leader.samples)
+    return [t for t in todo if t not in timed or t is leader or t.strategy == BASELINE or min(t.samples) <= bar]
 
 
 def _disagreement(finalists: list[Timing], steps: dict, run: _Limited, timer: Timer, mode: str, device) -> str | None:

@@ -340,3 +340,17 @@ def test_a_hanging_candidate_is_excluded_at_its_time_limit(logged, plan, where):
     assert time.perf_counter() - t0 < 10
     assert result.strategy == "torch_per_copy"
     assert "TimeLimit" in next(t for t in result.timings if t.strategy == "stuck").reason
+
+
+def test_a_candidate_clearly_behind_is_timed_fewer_rounds(plan):
+    """After CLEAR_AFTER rounds, a candidate whose best sample is CLEAR_MARGIN times the leader's worst stops
+    being timed; close ones keep every round."""
+    from copytune.tuner import CLEAR_AFTER, ROUNDS
+
+    pool = {"fast": Fake("fast"), "close": Fake("close"), "slow": Fake("slow"),
+            "torch_per_copy": get_strategy("torch_per_copy")}
+    timer = sampled({"fast": [2.0], "close": [2.2], "slow": [3.5], "torch_per_copy": [9.0]})
+    result = tune(plan, "eager", pool=pool, timer=timer)
+    assert result.strategy == "fast" and result.baseline_us == 9.0
+    assert timer.calls["slow"] == CLEAR_AFTER and timer.calls["close"] == ROUNDS  # within the margin: every round
+    assert timer.calls["torch_per_copy"] == 2 * ROUNDS  # the yardstick: every round, and the final re-measure
