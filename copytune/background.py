@@ -19,7 +19,9 @@ import torch
 
 from copytune.log import logger
 
-EXIT_WAIT_S = 10.0
+EXIT_WAIT_S = 10.0  # for a tune in flight at exit; an idle worker is told to stop and leaves at once
+IDLE_EXIT_S = 30.0  # an idle worker thread ends; the next submit starts another
+_STOP = object()
 
 
 class BackgroundTuner:
@@ -27,7 +29,9 @@ class BackgroundTuner:
     ``wait()`` blocks until nothing is pending."""
 
     def __init__(self, work: Callable[[str, object], None], name: str = "copytune-tuner"):
-        self._work, self._name = work, name
+        # a bound method is held weakly: the worker thread must not keep its dispatcher (and its Store) alive
+        self._work = weakref.WeakMethod(work) if hasattr(work, "__self__") else (lambda: work)
+        self._name = name
         self._queue: queue.Queue = queue.Queue()
         self._pending: set[str] = set()
         self._idle = threading.Condition()
@@ -38,14 +42,14 @@ class BackgroundTuner:
 
     def submit(self, key: str, plan) -> bool:
         """Queue ``key`` unless it is pending already or the process is exiting; True if queued."""
-        with self._idle:
+        with self._idle:  # queued under the lock: an idle worker decides to end under it too
             if key in self._pending or self._stopping:
                 return False
             self._pending.add(key)
+            self._queue.put((key, plan))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-        self._queue.put((key, plan))
         return True
 
     def pending(self) -> int:
@@ -59,15 +63,28 @@ class BackgroundTuner:
 
     def _run(self) -> None:
         while True:
-            key, plan = self._queue.get()
             try:
-                if not self._stopping:
+                item = self._queue.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._idle:  # idle: end, unless a submit raced in (it sees this thread alive and queued)
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            if item is _STOP:
+                return
+            key, plan = item
+            work = None
+            try:
+                work = self._work()
+                if work is not None and not self._stopping:
                     with self._context(plan.device):
-                        self._work(key, plan)
+                        work(key, plan)
             except BaseException as exc:  # noqa: BLE001 - a failed tune leaves the interim choice; never the thread
                 logger.warning("copytune: background tuning of key %s failed (%s: %s)", key[:12],
                                type(exc).__name__, exc)
             finally:
+                del item, plan, work  # the step's tensors and the dispatcher are not kept past the tune
                 with self._idle:
                     self._pending.discard(key)
                     self._idle.notify_all()
@@ -92,6 +109,9 @@ def _stop(ref) -> None:
         return
     with tuner._idle:
         tuner._stopping = True
+        busy = bool(tuner._pending)
     thread = tuner._thread
     if thread is not None and thread.is_alive():
-        thread.join(EXIT_WAIT_S)
+        tuner._queue.put(_STOP)
+        if busy:  # a tune in flight: let it end rather than tear it down inside a CUDA call
+            thread.join(EXIT_WAIT_S)

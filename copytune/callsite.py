@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from copytune.dispatch import Dispatcher, default_dispatcher
+from copytune.kernels.base import launch_error
 
 BINDINGS_PER_OWNER = 64  # bound structures kept per set of destination objects (oldest dropped first)
 
@@ -122,12 +123,6 @@ def distinct_copies(copies: list[Copy]) -> list[Copy]:
     return out
 
 
-def launch_error(err: str) -> Exception:
-    """The kernel refused a step before launching: a source of the wrong rows or too many columns is the caller's
-    input (ValueError); anything else is the launch's (RuntimeError)."""
-    return (ValueError if err.startswith("cuda_ext: source") else RuntimeError)(err)
-
-
 class CallSite:
     """The bindings of one call site. ``copies`` builds the copy list (cold path only); ``structure(source)``
     returns what, besides the destination objects and the page tables' widths, the copy list depends on (sizes,
@@ -182,6 +177,7 @@ class CallSite:
         if dispatcher not in self._listening:
             self._listening.add(dispatcher)
             dispatcher.on_adopt(self._adopted)
+        generation = dispatcher.generation
         entry = _Binding(copies, source, dispatcher)
         if key in keys:  # dropped for a new winner: bound again, keeping its place at the end
             keys.remove(key)
@@ -191,6 +187,8 @@ class CallSite:
             self.refused.pop(old, None)
         self.bindings[key] = entry
         keys.append(key)
+        if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
+            self.bindings.pop(key, None)  # this step runs it; the next binds again
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")
 

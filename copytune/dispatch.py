@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 import torch
 
 from copytune.background import BackgroundTuner
-from copytune.cache.store import SERVING_BUSY_TIMEOUT_S, Store
-from copytune.kernels import UnsupportedPlan, get_strategy, strategies
+from copytune.cache.store import ROW_ERRORS, SERVING_BUSY_TIMEOUT_S, Store
+from copytune.kernels import BoundLaunch, Config, UnsupportedPlan, get_strategy, strategies
+from copytune.kernels.base import returning_errors
 from copytune.log import logger, warn_once
 from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.neighbours import Neighbours
@@ -48,18 +49,23 @@ def default_strategy(plan: CopyPlan) -> str:
     if device is None:
         return "torch_per_copy"
     for name in DEFAULT_ORDER:
-        if device.type == "cuda" or name.startswith("torch"):  # the CPU interpreter is for tests, never default
-            s = get_strategy(name)
-            if s.available(device) is None and s.supports(plan):
-                return name
+        s = get_strategy(name)
+        if (device.type == "cuda" or s.serves_cpu) and s.available(device) is None and s.supports(plan):
+            return name
     return "torch_per_copy"
 
 
 @dataclass(frozen=True)
 class Choice:
+    """What runs a key: a strategy and its tunables (a hashable Config, so a Choice is a dict key)."""
+
     strategy: str
-    params: dict
+    params: Config
     origin: str  # "pinned", "cache", "tuned", "default", or "interim" (served while the key tunes off the step)
+
+    def __post_init__(self):
+        if not isinstance(self.params, Config):
+            object.__setattr__(self, "params", Config(self.params))
 
 
 class Dispatcher:
@@ -112,17 +118,19 @@ class Dispatcher:
         key = self.key(plan)
         choice = None if retune else self._table.get(key)
         if choice is None:
+            notify = []
             with self._key_lock(key):  # one tuner per key; lookups and tuning of other keys go on meanwhile
                 choice = None if retune else self._table.get(key)
                 if choice is None:
                     choice = self._forced(plan) or (None if retune else self._cached(key, plan))
                 if choice is None and self.tuning == "deferred" and not retune:
                     choice = self._interim(key, plan)
-                choice = choice or self._tuned(key, plan, force=retune) or Choice(default_strategy(plan), {}, "default")
+                tuned = None if choice is not None else self._tuned(key, plan, force=retune)
+                if retune and tuned is not None:
+                    notify = self._adopt(key, plan, tuned)  # runners and bindings of the old winner go
+                choice = choice or tuned or Choice(default_strategy(plan), {}, "default")
                 self._remember(key, plan, choice)
-                if retune:
-                    with self._lock:
-                        self._runners.clear()  # runners bound to the old winner
+            self._notify(key, notify)  # outside the key lock: a hook may choose again
         return choice
 
     def prepare(self, pairs: Pairs | CopyPlan) -> Choice:
@@ -137,12 +145,19 @@ class Dispatcher:
             with self._key_lock(key):
                 choice = self._table.get(key)
                 if choice is None or choice.origin == "interim":
+                    notify = []
                     choice = self._forced(plan) or self._cached(key, plan) or self._tuned(key, plan, force=True)
                     if choice is not None:
-                        self._adopt(key, plan, choice)
-                    else:  # the tune failed (warned): the interim choice, or the default, stands
-                        choice = self._table.get(key) or Choice(default_strategy(plan), {}, "default")
+                        notify = self._adopt(key, plan, choice)
+                    elif self.tuning == "deferred":  # the tune failed (warned): serve, and try again off the step
+                        choice = self._table.get(key) or self._interim(key, plan)
                         self._remember(key, plan, choice)
+                    else:
+                        choice = Choice(default_strategy(plan), {}, "default")
+                        self._remember(key, plan, choice)
+                else:
+                    notify = []
+            self._notify(key, notify)
         return choice
 
     def wait_tuned(self, timeout: float | None = None) -> bool:
@@ -192,8 +207,16 @@ class Dispatcher:
         if row["mode"] != self.mode or strategy is None or strategy.available(device) is not None or \
                 _invalid_params(strategy, row["params"]) is not None:
             return False
+        choice = Choice(row["strategy"], row["params"], "cache")
         with self._lock:
-            self._table[row["key"]] = Choice(row["strategy"], row["params"], "cache")
+            self._table[row["key"]] = choice
+            self._adopted()
+            listeners = list(self._listeners)
+            try:
+                self._neighbours.add(row["signature"], choice)
+            except ROW_ERRORS + (AttributeError,):
+                pass  # a row that cannot be a neighbour is still this key's winner
+        self._notify(row["key"], listeners)
         return True
 
     def _tuned(self, key: str, plan: CopyPlan, force: bool = False) -> Choice | None:
@@ -207,7 +230,8 @@ class Dispatcher:
                                 timer=self._timer)
         except Exception as exc:  # noqa: BLE001 - tuning must never take the caller down
             why = f"{type(exc).__name__}: {exc}"
-            warn_once(f"tune-failed:{why}", "copytune: tuning failed (%s); using the default strategy", why)
+            warn_once(f"tune-failed:{type(exc).__name__}", "copytune: tuning failed (%s); using the default strategy",
+                      why)
             return None
         self.store.put(self._row(key, plan, result))  # publish on tune, not at exit
         speedup = f"{result.baseline_us / result.time_us:.2f}x per-copy torch" \
@@ -239,28 +263,38 @@ class Dispatcher:
             Choice(default_strategy(plan), {}, "interim")
 
     def _tune_off_step(self, key: str, plan: CopyPlan) -> None:
+        notify = []
         with self._key_lock(key):
             current = self._table.get(key)
             if current is not None and current.origin != "interim":
                 return  # prepare() or a retune got there first
             choice = self._tuned(key, plan, force=True)
             if choice is not None:
-                self._adopt(key, plan, choice)
+                notify = self._adopt(key, plan, choice)
+        self._notify(key, notify)
 
-    def _adopt(self, key: str, plan: CopyPlan, choice: Choice) -> Choice:
-        """Make ``choice`` the key's winner from now on; bindings and runners of the interim choice go."""
+    def _adopt(self, key: str, plan: CopyPlan, choice: Choice) -> list:
+        """Make ``choice`` the key's winner from now on: runners go, the generation moves on. Returns the hooks
+        to call once the caller released the key's lock (``_notify``)."""
         with self._lock:
             self._remember(key, plan, choice)
-            self._runners.clear()
-            self.generation += 1
-            listeners = list(self._listeners)
+            self._adopted()
+            return list(self._listeners)
+
+    def _adopted(self) -> None:
+        """Under ``_lock``: runners of the old choice go, and whoever built one while it changed sees the new
+        generation (``copy`` and call sites insert only what they built within one generation)."""
+        self._runners.clear()
+        self.generation += 1
+
+    @staticmethod
+    def _notify(key: str, listeners: list) -> None:
         for callback in listeners:
             try:
                 callback(key)
             except Exception as exc:  # noqa: BLE001 - a call site's hook never breaks adoption
                 warn_once(f"listener:{type(exc).__name__}", "copytune: an adoption hook failed (%s: %s)",
                           type(exc).__name__, exc)
-        return choice
 
     def _remember(self, key: str, plan: CopyPlan, choice: Choice) -> None:
         self._table[key] = choice
@@ -278,7 +312,11 @@ class Dispatcher:
         rows = [r for r in self.store.rows() if r["mode"] == self.mode and r["device"] == fingerprint]
         with self._lock:
             for r in rows:
-                self._neighbours.add(r["signature"], Choice(r["strategy"], r["params"], "cache"))
+                try:
+                    self._neighbours.add(r["signature"], Choice(r["strategy"], r["params"], "cache"))
+                except ROW_ERRORS + (AttributeError,) as exc:  # a malformed stored signature is no neighbour
+                    warn_once(f"bad-signature:{r['key']}", "copytune: cache row %s has a signature no neighbour "
+                              "can be read from (%s: %s); skipped", r["key"][:12], type(exc).__name__, exc)
 
     def _row(self, key: str, plan: CopyPlan, result) -> dict:
         from copytune import __version__
@@ -303,12 +341,14 @@ class Dispatcher:
         key = _exact_key(pairs)
         run = self._runners.get(key) if key is not None else None
         if run is None:
+            generation = self.generation
             run = self._runner(CopyPlan.from_pairs(pairs))
             if key is not None:
                 with self._lock:  # the miss path only: eviction iterates the dict
                     if len(self._runners) >= RUNNER_CACHE_SIZE:
                         self._runners.pop(next(iter(self._runners)))
-                    self._runners[key] = run
+                    if generation == self.generation:  # a winner adopted meanwhile: this runner may be stale
+                        self._runners[key] = run
         run(pairs.pairs if isinstance(pairs, CopyPlan) else pairs)
 
     def _runner(self, plan: CopyPlan):
@@ -389,15 +429,22 @@ def _view_offsets(plan: CopyPlan, bases: Sequence[torch.Tensor]) -> list[int]:
 def _with_offsets(launch, plan: CopyPlan, offsets: list[int]):
     """Make ``launch(srcs)`` take base tensors: natively where the strategy reads addresses itself, else by
     building the views (the torch strategies need tensors)."""
-    if hasattr(launch, "set_source_offsets"):
-        launch.set_source_offsets(offsets)
+    if launch.set_source_offsets(offsets):
         return launch
-    # the views' geometry as meta tensors (no memory): no source is pinned
-    likes = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta") for s, _ in plan.pairs]
+    return Rebased(launch, plan, offsets)
 
-    def rebased(srcs=None) -> None:
-        launch(None if srcs is None else [as_view(b, like, off) for b, like, off in zip(srcs, likes, offsets)])
-    return rebased
+
+class Rebased(BoundLaunch):
+    """A launch taking base tensors for one that takes the views: builds each view per call (torch strategies)."""
+
+    def __init__(self, launch: BoundLaunch, plan: CopyPlan, offsets: list[int]):
+        self.launch, self.offsets, self.strategy = launch, offsets, launch.strategy
+        # the views' geometry as meta tensors (no memory): no source is pinned
+        self.likes = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta") for s, _ in plan.pairs]
+
+    def __call__(self, srcs=None) -> None:
+        self.launch(None if srcs is None else [as_view(b, like, off)
+                                               for b, like, off in zip(srcs, self.likes, self.offsets)])
 
 
 class BoundCopy:
@@ -419,10 +466,7 @@ class BoundCopy:
         self._offsets = offsets or [0] * len(plan.pairs)
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
-        expect = getattr(launch, "expect_sources", None)
-        self.checks_sources = expect is not None  # the strategy checks each new source itself (C++)
-        if expect is not None:
-            expect(given)
+        self.checks_sources = launch.expect_sources(given)  # the strategy checks each new source itself (C++)
         self.sources_forgotten = False
         self._spans = [span_bytes(s) for s, _ in plan.pairs]
         ext = sorted((extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
@@ -437,31 +481,26 @@ class BoundCopy:
     def follow_source_shape(self, i: int, max_row_bytes: int) -> bool:
         """Let copy ``i`` take its columns and source row stride from each new 2-D source (rows fixed), checked
         against ``max_row_bytes`` before each launch; False when the strategy cannot (use ``resize_copy``)."""
-        follow = getattr(self._launch, "follow_source_shape", None)
         src, dst = self.plan.pairs[i]
-        if follow is None or self.checked or src.dim() != 2 or dst.dim() != 2:
+        if self.checked or src.dim() != 2 or dst.dim() != 2:
             return False
         size = src.element_size()
         if self.plan.descs[i].rows != src.shape[0] and not self.resize_copy(
                 i, src.shape[0], src.shape[1] * size, src.stride(0) * size):
             return False  # a full-width slice was described as one row: split back into rows first
-        return follow(i, max_row_bytes, size)
+        return self._launch.follow_source_shape(i, max_row_bytes, size)
 
     def sources_launcher(self):
         """The cheapest callable that takes new sources, for call sites that run the same binding every step:
         ``run`` minus the Python frames (unchecked bindings only). It returns an error message (raise it) or a
         falsy value."""
-        if self.checked:
-            return self.run
-        fast = getattr(self._launch, "sources_launcher", None)
-        return fast() if fast is not None else self._launch
+        return self._launch.sources_launcher() if not self.checked else returning_errors(self.run, self.choice.strategy)
 
     def attribute_launcher(self, names: Sequence[str]):
         """For call sites whose new sources are attributes ``names`` (one per pair) of one object: a callable
         taking that object, cheaper than ``sources_launcher()`` over an attrgetter where the strategy reads the
         attributes itself (``cuda_ext``); None otherwise. Returns an error message (raise it) or a falsy value."""
-        make = getattr(self._launch, "attribute_launcher", None)
-        return None if self.checked or make is None else make(list(names))
+        return None if self.checked else self._launch.attribute_launcher(list(names))
 
     def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:
         """Let copy ``i`` move ``rows`` rows of ``row_bytes`` bytes from now on, its sources' rows
@@ -469,9 +508,8 @@ class BoundCopy:
         decode step). The caller guarantees both sides hold those bytes. False when the strategy cannot resize
         in place: bind anew."""
         dst = self.plan.pairs[i][1]
-        resize = getattr(self._launch, "set_shape", None)
         # the destination's own rows and row stride: a full-width slice may have been described as one row
-        if resize is None or dst.dim() != 2 or rows != dst.shape[0] or not resize(
+        if dst.dim() != 2 or rows != dst.shape[0] or not self._launch.set_shape(
                 i, rows, row_bytes, src_row_stride, dst.stride(0) * dst.element_size()):
             return False
         self._spans[i] = (rows - 1) * src_row_stride + row_bytes if rows and row_bytes else 0

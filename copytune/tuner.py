@@ -106,6 +106,21 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
     run = _Limited(device, time_limit_s)
     timings: list[Timing] = []
     steps: dict[int, Callable[[int], None]] = {}
+    owners: dict[int, Strategy] = {}
+
+    def after_overrun() -> None:
+        """A candidate past its limit is abandoned, not stopped: its thread may still write the scratch buffers.
+        The others move to fresh ones (bound and checked again) and the old buffers are left to it."""
+        nonlocal scratch
+        while run.overran:
+            run.overran = False
+            scratch = Scratch(plan, sets)
+            for t in [t for t in timings if id(t) in steps and t.reason is None]:
+                step = run(t, lambda t=t: _prepare(owners[id(t)], t.params, scratch, device))
+                if step is None:
+                    steps.pop(id(t))
+                else:
+                    steps[id(t)] = step
     for name, strategy in pool.items():
         try:
             reason = strategy.available(device) or (None if strategy.supports(plan) else "does not support this batch")
@@ -119,11 +134,14 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
             timing = Timing(name, params)
             step = run(timing, lambda s=strategy, p=params: _prepare(s, p, scratch, device))
             timings.append(timing)
+            owners[id(timing)] = strategy
             if step is not None:
                 steps[id(timing)] = step
+            after_overrun()
     for attempt in (1, 2):
         field_ = [t for t in timings if id(t) in steps]
         _time_rounds(field_, steps, run, timer, mode, device)
+        after_overrun()
         ok = [t for t in field_ if t.reason is None and _measured(t.time_us)]
         if not ok:  # a NaN, infinite or non-positive time is no measurement
             raise RuntimeError("no candidate ran exactly: " + "; ".join(
@@ -134,6 +152,7 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
         base = next((t for t in ok if t.strategy == BASELINE), None)
         finalists = list({id(t): t for t in (best, base) if t is not None}.values())
         doubt = _disagreement(finalists, steps, run, timer, mode, device)
+        after_overrun()
         if doubt is None:
             for t in ok:  # still exact after every timed call, its sources untouched
                 run(t, lambda t=t: scratch.check(_launch_of(steps[id(t)]), scratch.sets, device))
@@ -226,7 +245,7 @@ class _Limited:
     an overrun's thread is abandoned (Python cannot stop it; a daemon thread never holds up the exit)."""
 
     def __init__(self, device: torch.device, limit_s: float):
-        self.limit_s = limit_s
+        self.limit_s, self.overran = limit_s, False
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.device = device
 
@@ -249,6 +268,7 @@ class _Limited:
         worker.join(max(left, 0.0))
         timing.spent_s += time.perf_counter() - t0
         if worker.is_alive():
+            self.overran = True
             return self._exclude(timing, TimeLimit(f"no result within its {self.limit_s:g} s time limit"))
         if "error" in box:
             if failure is None:
@@ -280,7 +300,7 @@ def default_pool(device: torch.device) -> dict[str, Strategy]:
     """Strategies worth timing on ``device``: all of them on CUDA; on a CPU only the torch ones (Triton's CPU
     interpreter is a test tool, never a serving candidate)."""
     table = strategies()
-    return dict(table) if device.type == "cuda" else {n: s for n, s in table.items() if n.startswith("torch")}
+    return dict(table) if device.type == "cuda" else {n: s for n, s in table.items() if s.serves_cpu}
 
 
 def _least_gpu_time(best: Timing, ok: list[Timing], steps: dict, run: _Limited, timer: Timer, device) -> Timing:

@@ -27,11 +27,7 @@ class Gate:
         self.threads.add(threading.current_thread().name)
         if not self.open.wait(60):
             self.gave_up = True
-        return 1.0 if step.launch.__qualname__.startswith(_qualname(self.winner)) else 5.0
-
-
-def _qualname(strategy: str) -> str:
-    return {"torch_per_copy": "TorchPerCopy", "torch_foreach": "TorchForeach"}[strategy]
+        return 1.0 if step.launch.strategy == self.winner else 5.0
 
 
 def test_a_call_is_served_at_once_while_its_key_tunes_in_the_background(tmp_path):
@@ -136,3 +132,107 @@ def test_background_tuning_runs_on_a_stream_of_its_own(tmp_path):
     assert all(s != torch.cuda.current_stream() for s in streams)
     torch.cuda.synchronize()
     assert torch.equal(src, dst)
+
+
+def _fast_timer(step, mode, device):
+    return 1.0 if step.launch.strategy == "torch_per_copy" else 5.0
+
+
+def test_a_runner_built_while_a_winner_is_adopted_is_not_kept(tmp_path, monkeypatch):
+    """copy() builds a runner from the interim choice; if the winner is adopted meanwhile, that runner must not
+    be cached (it would serve the interim strategy for good)."""
+    from copytune.kernels import torch_foreach
+
+    gate = Gate()
+    d = Dispatcher(tmp_path / "c.db", pool=torch_pool(), tuning="deferred", timer=gate)
+    d.copy(pairs_of(4))  # interim torch_foreach; the key waits in the background
+    real = torch_foreach.STRATEGY.runner
+
+    def runner(plan, params=None):  # the serving thread loses the GIL right here
+        if threading.current_thread() is threading.main_thread() and not gate.open.is_set():
+            gate.open.set()
+            assert d.wait_tuned(30)
+        return real(plan, params)
+    monkeypatch.setattr(torch_foreach.STRATEGY, "runner", runner)
+    other = pairs_of(4)  # same key, other addresses: a runner-cache miss
+    d.copy(other)
+    monkeypatch.setattr(torch_foreach.STRATEGY, "runner", real)
+    ran = []
+    monkeypatch.setattr(torch_foreach, "foreach_copy", lambda pairs: ran.append(pairs))
+    d.copy(other)
+    assert ran == [] and all(torch.equal(s, t) for s, t in other)  # the winner (torch_per_copy) ran
+
+
+def test_a_binding_built_while_a_winner_is_adopted_is_rebuilt(tmp_path, monkeypatch):
+    from copytune.kernels import torch_foreach
+
+    gate = Gate()
+    d = Dispatcher(tmp_path / "c.db", pool=torch_pool(), tuning="deferred", timer=gate)
+    md, _ = nsa.make_example(8, 64, seed=1)
+    real = torch_foreach.STRATEGY.bind
+
+    def bind(plan, params=None):  # a cold bind (compiling) while the tune ends
+        if threading.current_thread() is threading.main_thread() and not gate.open.is_set():
+            gate.open.set()
+            assert d.wait_tuned(30)
+        return real(plan, params)
+    monkeypatch.setattr(torch_foreach.STRATEGY, "bind", bind)
+    for seed in (1, 2):
+        _, pre = nsa.make_example(8, 64 + 4 * seed, seed=seed)
+        nsa.batched_copy_metadata(md, pre, dispatcher=d)
+        assert all(torch.equal(s, t) for s, t in nsa.copy_pairs(md, pre))
+    assert nsa._SITE.binding(id(md)).bound.choice == dispatch.Choice("torch_per_copy", {}, "tuned")
+
+
+def test_a_retune_reaches_call_sites_and_hooks_run_outside_the_key_lock(tmp_path):
+    gate = Gate()
+    d = Dispatcher(tmp_path / "c.db", pool=torch_pool(), tuning="deferred", timer=gate)
+    md, _ = nsa.make_example(8, 64, seed=1)
+    _, pre = nsa.make_example(8, 68, seed=1)
+    nsa.batched_copy_metadata(md, pre, dispatcher=d)
+    plan = CopyPlan.from_pairs(nsa.copy_pairs(md, pre))
+    seen = []
+    d.on_adopt(lambda key: seen.append(d.choose(plan)))  # a hook may look the key up again: no deadlock
+    gate.open.set()
+    assert d.choose(plan, retune=True).origin == "tuned" and d.wait_tuned(30)
+    assert seen and seen[0].origin == "tuned"
+    assert nsa._SITE.binding(id(md)) is None or nsa._SITE.binding(id(md)).bound.choice.origin == "tuned"
+    nsa.batched_copy_metadata(md, pre, dispatcher=d)
+    assert nsa._SITE.binding(id(md)).bound.choice.origin == "tuned"
+
+
+@pytest.mark.parametrize("signature", [[[4, ["1d"], 8, 8, 4]], [[4, "1d", 8.0, 8, 4]], [[4, "1d", 8, 8]]])
+def test_a_malformed_stored_signature_is_no_neighbour_and_breaks_nothing(tmp_path, logged, signature):
+    store = Store(tmp_path / "c.db")
+    d = Dispatcher(tmp_path / "c.db", pool=torch_pool(), tuning="deferred", timer=_fast_timer)
+    from copytune.signature import device_fingerprint
+
+    store.put({"key": "hand-edited", "device": device_fingerprint("cpu"), "signature": signature, "mode": "eager",
+               "strategy": "torch_per_copy", "params": {}, "time_us": 1.0, "baseline_us": 1.0, "timings": [],
+               "tuned_at": "", "copytune_version": "0"})
+    pairs = pairs_of(4)
+    with logged("no neighbour can be read from"):
+        d.copy(pairs)
+    assert all(torch.equal(s, t) for s, t in pairs) and d.wait_tuned(30)
+
+
+def test_the_tuner_thread_holds_neither_the_steps_tensors_nor_its_dispatcher(tmp_path):
+    import gc
+    import weakref
+
+    from copytune import background
+
+    d = Dispatcher(tmp_path / "c.db", pool=torch_pool(), tuning="deferred", timer=_fast_timer)
+    src, dst = torch.arange(1 << 16, dtype=torch.int32), torch.zeros(1 << 16, dtype=torch.int32)
+    d.copy([(src, dst)])
+    assert d.wait_tuned(30)
+    tuner = d._background
+    refs = weakref.ref(src), weakref.ref(dst), weakref.ref(d)
+    del src, dst, d
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    thread = tuner._thread
+    background._stop(weakref.ref(tuner))  # what atexit does: an idle worker leaves at once
+    if thread is not None:
+        thread.join(5)
+        assert not thread.is_alive()

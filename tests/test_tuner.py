@@ -328,7 +328,7 @@ def test_a_hanging_candidate_is_excluded_at_its_time_limit(logged, plan, where):
     pool = {"stuck": fake, "torch_per_copy": get_strategy("torch_per_copy")}
 
     def timer(step, mode, device):
-        if where == "timing" and step.launch.__qualname__.startswith("Hanging"):
+        if where == "timing" and getattr(step.launch, "__qualname__", "").startswith("Hanging"):
             fake.release.wait()
         return 5.0
     t0 = time.perf_counter()
@@ -354,3 +354,33 @@ def test_a_candidate_clearly_behind_is_timed_fewer_rounds(plan):
     assert result.strategy == "fast" and result.baseline_us == 9.0
     assert timer.calls["slow"] == CLEAR_AFTER and timer.calls["close"] == ROUNDS  # within the margin: every round
     assert timer.calls["torch_per_copy"] == 2 * ROUNDS  # the yardstick: every round, and the final re-measure
+
+
+class Scribbler(Fake):
+    """Binds past its time limit, then keeps writing garbage into the buffers it was bound on for a while: an
+    abandoned candidate whose thread lives on."""
+
+    def bind(self, plan, params=None):
+        import time
+
+        time.sleep(0.6)
+        end = time.perf_counter() + 1.5
+        while time.perf_counter() < end:
+            for _, d in plan.pairs:
+                d.fill_(7) if d.dtype != torch.bool else d.fill_(True)
+        return super().bind(plan, params)
+
+
+def test_the_others_never_share_buffers_with_an_abandoned_candidate(plan, logged):
+    pool = {"scribbler": Scribbler("scribbler"), "torch_per_copy": get_strategy("torch_per_copy"),
+            "torch_foreach": get_strategy("torch_foreach")}
+    with logged("scribbler .* excluded: TimeLimit"):
+        result = tune(plan, "eager", pool=pool, timer=scripted({"torch_foreach": 1.0, "torch_per_copy": 5.0}),
+                      time_limit_s=0.3)
+    reasons = {t.strategy: t.reason for t in result.timings}
+    assert reasons["torch_per_copy"] is None and reasons["torch_foreach"] is None, reasons
+    import threading
+
+    for thread in threading.enumerate():  # let the abandoned thread end before the interpreter does
+        if thread.name == "copytune-tune-scribbler":
+            thread.join(10)

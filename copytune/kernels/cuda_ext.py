@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from copytune.kernels.base import Params, UnsupportedPlan, as_device, as_plan, int_in
+from copytune.kernels.base import (BoundLaunch, Config, Params, UnsupportedPlan, as_device, as_plan, int_in,
+                                   launch_error)
 from copytune.plan import CopyPlan
 
 CSRC = Path(__file__).parent / "csrc"
@@ -113,6 +114,7 @@ def build(device: torch.device | str = "cuda", verbose: bool = False) -> tuple[P
 
 class CudaExt:
     name = "cuda_ext"
+    serves_cpu = False
 
     def available(self, device) -> str | None:
         device = as_device(device)
@@ -140,7 +142,7 @@ class CudaExt:
 
     def candidates(self, plan: CopyPlan) -> list[Params]:
         """Tile shapes (units per thread; 256 threads a block); the vector width is chosen per copy in C++."""
-        return [{"unroll": u} for u in UNROLLS]
+        return [Config(unroll=u) for u in UNROLLS]
 
     def validate_params(self, params: Params) -> str | None:
         """``{"unroll": u}`` with u one of UNROLLS, or ``{}`` (entries of the first version: the default)."""
@@ -183,21 +185,23 @@ def _raw(d) -> tuple[int, int, int, int, int, int]:
     return d.src, d.dst, d.rows, d.row_bytes, d.src_row_stride, d.dst_row_stride
 
 
-class BoundCuda:
+class BoundCuda(BoundLaunch):
     """``()`` relaunches on the bound addresses; ``(srcs)`` hands the new source tensors to C++, which reads their
     addresses and re-derives vector widths (a misaligned new source simply gets narrower loads) for that call
     only: a later ``()`` copies the bound sources again, as every strategy's launch does."""
 
-    __slots__ = ("batch", "live")
+    __slots__ = ("batch", "checks_sources", "live")
+    strategy = "cuda_ext"
 
     def __init__(self, batch, live: list[int] | None):
         self.batch, self.live = batch, live
+        self.checks_sources = False
 
     def __call__(self, srcs=None) -> None:
         err = self.batch.run() if srcs is None else \
             self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
         if err:
-            raise RuntimeError(err)
+            raise launch_error(err)
 
     def set_shape(self, i: int, rows: int, row_bytes: int, src_stride: int, dst_stride: int) -> bool:
         """Copy ``i`` now moves ``rows`` rows of ``row_bytes`` bytes with these row strides (bytes); False if it
@@ -212,11 +216,15 @@ class BoundCuda:
         return j >= 0 and not self.batch.follow_source_shape(j, max_row_bytes, itemsize)
 
     def sources_launcher(self):
-        """The cheapest callable taking the new sources (a list or tuple), returning an error message or a falsy
-        value: a plain CPython function into C++ when no copy was empty (the module never throws, see binding.cpp)."""
+        """A plain CPython function into C++ taking the new sources (a list or tuple) when no copy was empty (the
+        module never throws, see binding.cpp); it returns None or the error message."""
         if self.live is not None:
-            return self
-        return _fast(self.batch, "run_sequence") or self.batch.run_sources
+            return super().sources_launcher()
+        fast = _fast(self.batch, "run_sequence")
+        if fast is not None:
+            return fast
+        run = self.batch.run_sources
+        return lambda srcs: run(srcs) or None
 
     def attribute_launcher(self, names: list[str]):
         """A callable taking one object whose attributes ``names`` (one per copy) are the new sources, read in
@@ -224,20 +232,27 @@ class BoundCuda:
         err = self.batch.set_source_attrs(names if self.live is None else [names[i] for i in self.live])
         if err:
             raise RuntimeError(err)
-        return _fast(self.batch, "run_attrs") or self.batch.run_attrs
+        fast = _fast(self.batch, "run_attrs")
+        if fast is not None:
+            return fast
+        run = self.batch.run_attrs
+        return lambda obj: run(obj) or None
 
-    def expect_sources(self, samples: list) -> None:
+    def expect_sources(self, samples: list) -> bool:
         """Every later source must have its sample's device, dtype, shape and strides (a followed page table: 2-D,
         the bound rows, unit column stride), checked in C++ before each launch."""
         err = self.batch.expect_sources(samples if self.live is None else [samples[i] for i in self.live])
         if err:
             raise RuntimeError(err)
+        self.checks_sources = True
+        return True
 
-    def set_source_offsets(self, offsets: list[int]) -> None:
+    def set_source_offsets(self, offsets: list[int]) -> bool:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         err = self.batch.set_source_offsets(offsets if self.live is None else [offsets[i] for i in self.live])
         if err:
             raise RuntimeError(err)
+        return True
 
 
 def _fast(batch, which: str):

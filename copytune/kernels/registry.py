@@ -7,7 +7,8 @@ import importlib
 
 from copytune.kernels.base import Strategy, UnsupportedPlan
 
-# Order is the fallback preference when nothing is tuned: fastest-known first among the always-correct ones.
+# One line per strategy: its module (which defines STRATEGY). Listing order only (the baseline first); what runs when
+# nothing is tuned is dispatch.DEFAULT_ORDER.
 STRATEGY_MODULES = ("torch_per_copy", "torch_foreach", "triton_unified", "triton_persistent", "cuda_ext")
 
 _registry: dict[str, Strategy] | None = None
@@ -15,6 +16,8 @@ _registry: dict[str, Strategy] | None = None
 
 class Unavailable:
     """Stands in for a strategy whose module could not be imported."""
+
+    serves_cpu = False
 
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason

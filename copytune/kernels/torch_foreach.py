@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
-from copytune.kernels.base import Params, UnsupportedPlan, as_plan
+from copytune.kernels.base import BoundLaunch, Config, Params, UnsupportedPlan, as_plan, check_count
 from copytune.plan import CopyPlan
 
 
 class TorchForeach:
     name = "torch_foreach"
+    serves_cpu = True
 
     def available(self, device) -> str | None:
         return None if hasattr(torch, "_foreach_copy_") else f"torch {torch.__version__} has no _foreach_copy_"
@@ -24,21 +25,15 @@ class TorchForeach:
     def supports(self, plan: CopyPlan) -> bool:
         return all(d.dtype in BIT_EXACT_DTYPES for _, d in plan.pairs)
 
-    def candidates(self, plan: CopyPlan) -> list[Params]:
-        return [{}]
+    def candidates(self, plan: CopyPlan) -> list[Config]:
+        return [Config()]
 
     def validate_params(self, params: Params) -> str | None:
         return None if params == {} else f"{self.name} takes no parameters, got {sorted(params)}"
 
-    def bind(self, plan: CopyPlan, params: Params | None = None):
+    def bind(self, plan: CopyPlan, params: Params | None = None) -> BoundForeach:
         _check(self, plan)
-        dsts = [d for _, d in plan.pairs]  # the bound sources are read off the plan when needed: never pinned here
-
-        def launch(srcs: Sequence[torch.Tensor] | None = None) -> None:
-            if dsts:
-                torch._foreach_copy_(dsts, [s for s, _ in plan.pairs] if srcs is None else list(srcs))
-
-        return launch
+        return BoundForeach(plan)
 
     def runner(self, plan: CopyPlan, params: Params | None = None):
         _check(self, plan)
@@ -58,6 +53,22 @@ def _check(strategy: TorchForeach, plan: CopyPlan) -> None:
     if not strategy.supports(plan):
         bad = next(i for i, (_, d) in enumerate(plan.pairs) if d.dtype not in BIT_EXACT_DTYPES)
         raise UnsupportedPlan(f"torch_foreach is not bit-exact for {plan.pairs[bad][1].dtype} (pair {bad})")
+
+
+class BoundForeach(BoundLaunch):
+    """One ``_foreach_copy_``; the bound sources are read off the plan when needed (never pinned here)."""
+
+    strategy = "torch_foreach"
+    __slots__ = ("dsts", "plan")
+
+    def __init__(self, plan: CopyPlan):
+        self.plan, self.dsts = plan, [d for _, d in plan.pairs]
+
+    def __call__(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
+        if srcs is not None:
+            check_count(srcs, len(self.dsts), self.strategy)
+        if self.dsts:
+            torch._foreach_copy_(self.dsts, [s for s, _ in self.plan.pairs] if srcs is None else list(srcs))
 
 
 def foreach_copy(pairs) -> None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from copytune.kernels.base import UnsupportedPlan, as_device, as_plan, int_in
+from copytune.kernels.base import BoundLaunch, Config, UnsupportedPlan, as_device, as_plan, check_count, int_in
 from copytune.kernels.triton_launch import TritonLauncher, interpreting
 from copytune.plan import CopyDesc, CopyPlan, as_view
 
@@ -91,6 +91,7 @@ class TritonStrategy:
     """
 
     name = "triton"
+    serves_cpu = False  # on a CPU it runs only under Triton's interpreter: a test tool, never a serving candidate
     kernel = None
     defaults: dict = {}
     search: list[dict] = []
@@ -109,8 +110,8 @@ class TritonStrategy:
     def supports(self, plan: CopyPlan) -> bool:
         return plan.first_non_rowwise() is None and (plan.device is None or self.available(plan.device) is None)
 
-    def candidates(self, plan: CopyPlan) -> list[dict]:
-        return [dict(self.defaults)] + [dict(p) for p in self.search if p != self.defaults]
+    def candidates(self, plan: CopyPlan) -> list[Config]:
+        return [Config(self.defaults)] + [Config(p) for p in self.search if p != self.defaults]
 
     def validate_params(self, params: dict) -> str | None:
         """Exactly the keys of ``defaults``, each within what the kernel compiles and covers: a block that is not
@@ -152,19 +153,21 @@ class TritonStrategy:
         self.bind(as_plan(plan_or_pairs), params)()
 
 
-class BoundTriton:
+class BoundTriton(BoundLaunch):
     """A plan bound to compiled launches; ``(srcs)`` swaps in new source addresses, nothing else per call."""
 
-    __slots__ = ("launches", "offsets", "params", "plan", "resized", "strategy")
+    __slots__ = ("launches", "offsets", "owner", "params", "plan", "resized", "strategy")
 
-    def __init__(self, strategy: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
-        self.strategy, self.plan, self.params, self.launches = strategy, plan, params, launches
+    def __init__(self, owner: TritonStrategy, plan: CopyPlan, params: dict, launches: list):
+        self.owner, self.plan, self.params, self.launches = owner, plan, params, launches
+        self.strategy = owner.name
         self.offsets = None
         self.resized = False
 
-    def set_source_offsets(self, offsets: list[int]) -> None:
+    def set_source_offsets(self, offsets: list[int]) -> bool:
         """Later ``(srcs)`` calls pass base tensors: copy i reads from ``srcs[i].data_ptr() + offsets[i]``."""
         self.offsets = list(offsets)
+        return True
 
     def set_shape(self, i: int, rows: int, row_bytes: int, src_stride: int, dst_stride: int) -> bool:
         """Copy ``i`` now moves ``rows`` rows of ``row_bytes`` bytes with these row strides (bytes). False when
@@ -178,9 +181,9 @@ class BoundTriton:
             descs = [self.plan.descs[j] for j in idx]
             descs[idx.index(i)] = dataclasses.replace(descs[idx.index(i)], rows=rows, row_bytes=row_bytes,
                                                       src_row_stride=src_stride, dst_row_stride=dst_stride)
-            grid, new_args, _ = self.strategy.layout(descs, mask + 1, self.params, self.plan.device)
+            grid, new_args, _ = self.owner.layout(descs, mask + 1, self.params, self.plan.device)
             constexprs = {"UNIT": UNIT_TYPES[mask + 1], "BLOCK": self.params["block"]}
-            go = self.strategy.launcher.bind(self.plan.device, grid, constexprs, self.params["num_warps"], new_args)
+            go = self.owner.launcher.bind(self.plan.device, grid, constexprs, self.params["num_warps"], new_args)
             src_pos = {j: pos for pos, j in slots}
             for pos, j in slots:  # keep the current source addresses
                 new_args[pos] = args[src_pos[j]]
@@ -197,6 +200,7 @@ class BoundTriton:
             for go, args, _, _ in self.launches:
                 go(args)
             return
+        check_count(srcs, len(self.plan.pairs), self.strategy)
         offsets = self.offsets
         for go, args, slots, mask in self.launches:
             args = list(args)
@@ -213,4 +217,4 @@ class BoundTriton:
         if self.offsets is not None:
             srcs = [as_view(b, s, off) for b, (s, _), off in zip(srcs, self.plan.pairs, self.offsets)]
         pairs = [(s, d) for s, (_, d) in zip(srcs, self.plan.pairs)]
-        self.strategy.copy(pairs, self.params)
+        self.owner.copy(pairs, self.params)

@@ -16,7 +16,7 @@ MAX_LEN = 40  # the width tuned at start-up and the first steps' widths: one buc
 
 def _timer(step, mode, dev):
     step(0)
-    return 1.0 if step.launch.__qualname__.startswith("TorchForeach") else 5.0
+    return 1.0 if step.launch.strategy == "torch_foreach" else 5.0
 
 
 @pytest.fixture

@@ -31,3 +31,54 @@ def test_bound_launch_takes_new_sources(seed, strategy_name, device):
 )
 def test_layouts_and_edges(check, strategy_name, device):
     check(strategy_name, device)
+
+
+def test_the_launch_contract(strategy_name, device):
+    """Every strategy's bind returns a BoundLaunch: each capability answers as declared (a bool, a callable or
+    None), the fast launchers return None when they copied and a one-line message — never an exception — when
+    they refused, and tunables are hashable Configs the strategy itself accepts."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from copytune import CopyPlan, get_strategy
+    from copytune.kernels import BoundLaunch, Config
+    from copytune.kernels.base import launch_error
+    from tests.cases import random_fill
+
+    strategy = get_strategy(strategy_name)
+    if strategy.available(device) is not None:
+        pytest.skip(strategy.available(device))
+    assert isinstance(strategy.serves_cpu, bool)
+    dsts = [torch.zeros(7, dtype=torch.int32, device=device), torch.zeros(5, 9, dtype=torch.int32, device=device)]
+    srcs = [random_fill(torch.empty_like(d)) for d in dsts]
+    plan = CopyPlan.from_pairs(list(zip(srcs, dsts)))
+    for params in strategy.candidates(plan):
+        assert isinstance(params, Config) and hash(params) == hash(Config(dict(params)))
+        assert strategy.validate_params(params) is None
+    launch = strategy.bind(plan, strategy.candidates(plan)[0])
+    assert isinstance(launch, BoundLaunch) and launch.strategy == strategy_name
+    assert isinstance(launch.expect_sources(srcs), bool) and launch.checks_sources in (True, False)
+    assert isinstance(launch.follow_source_shape(1, 9 * 4, 4), bool)
+    fresh = [random_fill(torch.empty_like(s)) for s in srcs]
+    run = launch.sources_launcher()
+    assert run(fresh) is None
+    _sync(device)
+    assert all(torch.equal(s, d) for s, d in zip(fresh, dsts))
+    refused = run([fresh[0]])  # one source for two copies
+    assert isinstance(refused, str) and refused.startswith(f"{strategy_name}: ") and "\n" not in refused
+    assert isinstance(launch_error(refused), (ValueError, RuntimeError))
+    by_name = launch.attribute_launcher(["a", "b"])
+    if by_name is not None:
+        again = [random_fill(torch.empty_like(s)) for s in srcs]
+        assert by_name(SimpleNamespace(a=again[0], b=again[1])) is None
+        _sync(device)
+        assert all(torch.equal(s, d) for s, d in zip(again, dsts))
+        assert isinstance(by_name(SimpleNamespace(a=again[0])), str)
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
