@@ -27,7 +27,7 @@ import torch
 from copytune.background import BackgroundTuner
 from copytune.cache.store import ROW_ERRORS, SERVING_BUSY_TIMEOUT_S, Store
 from copytune.kernels import BoundLaunch, Config, UnsupportedPlan, get_strategy, strategies
-from copytune.kernels.base import returning_errors
+from copytune.kernels.base import BatchRunner, launch_error, returning_errors
 from copytune.log import logger, warn_once
 from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.neighbours import Neighbours
@@ -92,6 +92,8 @@ class Dispatcher:
         self._table: dict[str, Choice] = {}
         self._keys: dict[tuple, str] = {}
         self._runners: dict[tuple, object] = {}  # exact addresses + geometry -> runner, oldest first
+        self._exact = None  # the C++ exact-address cache of C++ batches (cuda_ext), made on the first one
+        self._exact_run = None  # its METH_O lookup-and-launch: what copy() tries first
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._neighbours = Neighbours()  # tuned and cached winners by shape class ("deferred": interim choices)
@@ -285,6 +287,8 @@ class Dispatcher:
         """Under ``_lock``: runners of the old choice go, and whoever built one while it changed sees the new
         generation (``copy`` and call sites insert only what they built within one generation)."""
         self._runners.clear()
+        if self._exact is not None:
+            self._exact.clear()
         self.generation += 1
 
     @staticmethod
@@ -336,6 +340,13 @@ class Dispatcher:
         hands a serving step the same blocks each time) skips validation and dispatch: everything they depend on
         is in the lookup key, and the cached runner holds no tensor references.
         """
+        fast = self._exact_run
+        if fast is not None:  # C++: the exact key, the lookup and the launch, for batches bound before
+            found = fast(pairs)
+            if found is None:
+                return
+            if found is not False:
+                raise launch_error(found)
         if not isinstance(pairs, (Sequence, CopyPlan)):  # a generator or zip(): the key must not consume it
             pairs = list(pairs) if not isinstance(pairs, torch.Tensor) else pairs
         key = _exact_key(pairs)
@@ -349,7 +360,17 @@ class Dispatcher:
                         self._runners.pop(next(iter(self._runners)))
                     if generation == self.generation:  # a winner adopted meanwhile: this runner may be stale
                         self._runners[key] = run
+                        if isinstance(run, BatchRunner):
+                            self._remember_exact(pairs, run)
         run(pairs.pairs if isinstance(pairs, CopyPlan) else pairs)
+
+    def _remember_exact(self, pairs, run: BatchRunner) -> None:
+        """Under ``_lock``: hand ``run``'s C++ batch to the exact-address cache (made with the first one); pairs
+        that are not a list or tuple of tuples stay on the Python path."""
+        if self._exact is None:
+            self._exact = run.exact_cache(RUNNER_CACHE_SIZE)
+            self._exact_run = self._exact.fast_run()
+        self._exact.put(pairs, run.batch)
 
     def _runner(self, plan: CopyPlan):
         if not plan.pairs:
@@ -456,8 +477,8 @@ class BoundCopy:
     that build their own sources pass ``checked=False`` and pay only the address reads.
     """
 
-    __slots__ = ("_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans", "checked",
-                 "checks_sources", "choice", "key", "plan", "sources_forgotten")
+    __slots__ = ("_checked_run", "_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans",
+                 "checked", "checks_sources", "choice", "key", "plan", "sources_forgotten")
 
     def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None,
                  key: str | None = None):
@@ -467,6 +488,7 @@ class BoundCopy:
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
         self.checks_sources = launch.expect_sources(given)  # the strategy checks each new source itself (C++)
+        self._checked_run = launch.checked_launcher() if checked else None  # the whole check in C++
         self.sources_forgotten = False
         self._spans = [span_bytes(s) for s, _ in plan.pairs]
         ext = sorted((extent(d), i) for i, (_, d) in enumerate(plan.pairs) if d.numel())
@@ -527,6 +549,15 @@ class BoundCopy:
     def run(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
         if srcs is None and self.sources_forgotten:
             raise ValueError("this binding forgot its bound sources: pass the sources of every call")
+        if srcs is not None and self._checked_run is not None:
+            err = self._checked_run(srcs if isinstance(srcs, (list, tuple)) else list(srcs))
+            if err is None:
+                return
+            self.check(srcs)  # what C++ refused, in this class's words; or the byte-by-byte verdict on an overlap
+            if err != self._launch.maybe_overlap:
+                raise launch_error(err)
+            self._launch(srcs)  # the extents met, the bytes do not
+            return
         if srcs is not None and self.checked:
             self.check(srcs)
         self._launch(srcs)

@@ -415,3 +415,101 @@ def test_a_winner_whose_baseline_failed_is_stored_and_served_from_the_cache(tmp_
     assert (again.choose(plan).strategy, again.choose(plan).origin) == ("torch_foreach", "cache")
     out = CliRunner().invoke(main, ["show", "--cache", str(tmp_path / "c.db")])
     assert out.exit_code == 0 and "torch_foreach" in out.output, out.output
+
+
+def test_copy_hands_cpp_batches_to_the_exact_address_cache_and_adoption_empties_it(tmp_path, monkeypatch):
+    """The dispatcher's side of the C++ fast path, with the module stood in: a runner that is a C++ batch goes to
+    the exact-address cache; the next call with the same pairs is the cache's (no Python runner); adopting a new
+    winner empties it. (The C++ cache itself: tests/kernels/test_cuda_ext.py, on a GPU.)"""
+    from copytune.dispatch import Choice, _exact_key
+    from copytune.kernels.base import BatchRunner
+
+    class Batch:
+        def __init__(self):
+            self.runs = 0
+
+        def run(self):
+            self.runs += 1
+            return ""
+
+    class Cache:
+        def __init__(self, capacity):
+            self.map = {}
+
+        def put(self, pairs, batch):
+            self.map[_exact_key(pairs)] = batch
+            return ""
+
+        def clear(self):
+            self.map.clear()
+
+        def size(self):
+            return len(self.map)
+
+        def fast_run(self):
+            def run(pairs):
+                batch = self.map.get(_exact_key(pairs)) if isinstance(pairs, (list, tuple)) else None
+                return False if batch is None else (batch.run() or None)
+            return run
+
+    module = type("Module", (), {"ExactCache": Cache})
+    batch = Batch()
+    built = []
+    d = Dispatcher(tmp_path / "c.db", pool=torch_only_pool())
+    monkeypatch.setattr(d, "_runner", lambda plan: built.append(plan) or BatchRunner(batch, module))
+    pairs = pairs_of(4)
+    d.copy(pairs)
+    assert (len(built), batch.runs, d._exact.size()) == (1, 1, 1)
+    d.copy(pairs)
+    d.copy(pairs)
+    assert (len(built), batch.runs) == (1, 3)  # the cache launched them
+    plan = CopyPlan.from_pairs(pairs)
+    d._adopt(d.key(plan), plan, Choice("torch_foreach", {}, "tuned"))
+    assert d._exact.size() == 0
+    d.copy(pairs)
+    assert len(built) == 2
+
+
+def test_a_checked_run_trusts_a_cpp_check_and_keeps_the_python_verdicts(monkeypatch):
+    """BoundCopy.run with a launch that checks in C++ (stood in here): its None launches; its "extents meet" is
+    decided byte by byte (launched when they do not share a byte); anything it refuses is raised in the Python
+    check's words."""
+    from copytune.dispatch import BoundCopy, Choice
+    from copytune.kernels.base import BoundLaunch
+
+    class CppChecked(BoundLaunch):
+        strategy, maybe_overlap = "cpp", "extents meet"
+
+        def __init__(self):
+            self.answers, self.launched = [], []
+
+        def expect_sources(self, samples):
+            return True
+
+        def checked_launcher(self):
+            return lambda srcs: self.answers.pop(0)
+
+        def __call__(self, srcs=None):
+            self.launched.append(srcs)
+
+    buf = torch.zeros(64, dtype=torch.int32)
+    pairs = [(torch.arange(32, dtype=torch.int32)[::2], buf[0:32:2])]  # strided sources, strided destination
+    launch = CppChecked()
+    bound = BoundCopy(CopyPlan.from_pairs(pairs), Choice("cpp", {}, "pinned"), launch)
+    launch.answers = [None]
+    bound.run([torch.ones(32, dtype=torch.int32)[::2]])
+    assert launch.launched == []  # C++ launched it
+    launch.answers = ["extents meet"]
+    interleaved = buf[1:33:2]
+    bound.run([interleaved])
+    assert len(launch.launched) == 1 and launch.launched[0][0] is interleaved
+    launch.answers = ["extents meet"]
+    with pytest.raises(ValueError, match="pair 0: source overlaps the destination of pair 0"):
+        bound.run([buf[0:32:2]])
+    launch.answers = ["cpp: source 0 has shape [15]"]
+    with pytest.raises(ValueError, match="pair 0: source .* does not match the bound"):
+        bound.run([torch.ones(30, dtype=torch.int32)[::2]])
+    launch.answers = ["cpp: launch failed: out of resources"]
+    with pytest.raises(RuntimeError, match="launch failed"):
+        bound.run([torch.ones(32, dtype=torch.int32)[::2]])
+    assert len(launch.launched) == 1

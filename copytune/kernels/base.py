@@ -47,6 +47,7 @@ class BoundLaunch:
 
     strategy = "?"  # the owning strategy's name
     checks_sources = False  # True once expect_sources() took: every new source is checked before its launch
+    maybe_overlap: str | None = None  # what checked_launcher() returns when a source's extent meets a destination's
 
     def __call__(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
         raise NotImplementedError
@@ -75,6 +76,12 @@ class BoundLaunch:
         """The cheapest per-step call taking new sources: returns None, or the message of what it refused."""
         return returning_errors(self, self.strategy)
 
+    def checked_launcher(self) -> Callable[[Sequence[torch.Tensor]], str | None] | None:
+        """A per-step call that also checks each source against the destinations (a checked ``BoundCopy``):
+        None when it launched; ``maybe_overlap`` when a source's extent meets a destination's (nothing launched:
+        the caller decides byte by byte); else the message of what it refused. None where the caller checks."""
+        return None
+
     def attribute_launcher(self, names: Sequence[str]) -> Callable[[object], str | None] | None:
         """A per-step call taking one object whose attributes ``names`` (dotted, one per copy) are the sources,
         read without Python frames; None where the strategy cannot (the caller reads them)."""
@@ -85,6 +92,26 @@ class Refusal(str):
     """A fast launcher's message that keeps the kind of error it stands for (``launch_error`` raises it)."""
 
     kind: type[Exception] = RuntimeError
+
+
+class BatchRunner:
+    """What ``Strategy.runner`` returns where a batch is one C++ object: called with each call's pairs (the same
+    addresses), and handed by the dispatcher to that module's exact-address cache, which then launches such calls
+    without a Python frame (``Dispatcher.copy``)."""
+
+    __slots__ = ("batch", "module")
+
+    def __init__(self, batch, module):
+        self.batch, self.module = batch, module
+
+    def __call__(self, pairs=None) -> None:
+        err = self.batch.run()
+        if err:
+            raise launch_error(err)
+
+    def exact_cache(self, capacity: int):
+        """A new exact-address cache of this module (``ExactCache``)."""
+        return self.module.ExactCache(capacity)
 
 
 def check_count(srcs: Sequence, expected: int, name: str) -> None:

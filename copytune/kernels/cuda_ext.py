@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from copytune.kernels.base import (BoundLaunch, Config, Params, UnsupportedPlan, as_device, as_plan, int_in,
-                                   launch_error)
+from copytune.kernels.base import (BatchRunner, BoundLaunch, Config, Params, UnsupportedPlan, as_device, as_plan,
+                                   int_in, launch_error)
 from copytune.plan import CopyPlan
 
 CSRC = Path(__file__).parent / "csrc"
@@ -162,11 +162,13 @@ class CudaExt:
         batch = module.BoundBatch(flat, plan.device.index, unroll)
         if batch.error():  # the C++ side checks the description again (its constructor never throws)
             raise UnsupportedPlan(batch.error())
-        return BoundCuda(batch, None if len(live) == len(plan.descs) else live)
+        return BoundCuda(batch, None if len(live) == len(plan.descs) else live, module)
 
-    def runner(self, plan: CopyPlan, params: Params | None = None):
-        run = self.bind(plan, params).batch.run
-        return lambda pairs=None: run()
+    def runner(self, plan: CopyPlan, params: Params | None = None) -> BatchRunner:
+        bound = self.bind(plan, params)
+        if bound.live is not None:  # empty copies are not in the kernel's list: the pairs' own order differs
+            return lambda pairs=None: bound()
+        return BatchRunner(bound.batch, bound.module)
 
     def copy(self, plan_or_pairs, params: Params | None = None) -> None:
         self.bind(as_plan(plan_or_pairs), params)()
@@ -190,11 +192,10 @@ class BoundCuda(BoundLaunch):
     addresses and re-derives vector widths (a misaligned new source simply gets narrower loads) for that call
     only: a later ``()`` copies the bound sources again, as every strategy's launch does."""
 
-    __slots__ = ("batch", "checks_sources", "live")
     strategy = "cuda_ext"
 
-    def __init__(self, batch, live: list[int] | None):
-        self.batch, self.live = batch, live
+    def __init__(self, batch, live: list[int] | None, module):
+        self.batch, self.live, self.module = batch, live, module
         self.checks_sources = False
 
     def __call__(self, srcs=None) -> None:
@@ -225,6 +226,15 @@ class BoundCuda(BoundLaunch):
             return fast
         run = self.batch.run_sources
         return lambda srcs: run(srcs) or None
+
+    def checked_launcher(self):
+        """The checked call in C++ (``run_checked``): source geometry against the bound one, and source extents
+        against the destinations' (binary search); None from a build without it or with empty copies."""
+        if self.live is not None or not self.checks_sources:
+            return None
+        fast = _fast(self.batch, "run_checked")
+        self.maybe_overlap = getattr(self.module, "MAYBE_OVERLAP", None)
+        return fast if fast is not None and self.maybe_overlap is not None else None
 
     def attribute_launcher(self, names: list[str]):
         """A callable taking one object whose attributes ``names`` (one per copy) are the new sources, read in

@@ -311,3 +311,62 @@ assert not by_list(fresh)
 torch.cuda.synchronize()
 assert torch.equal(bufs[0], fresh[0]) and torch.equal(bufs[1][:, :301], fresh[1])
 '''
+
+
+@pytest.mark.cuda
+def test_a_batch_seen_before_is_looked_up_and_launched_in_cpp(built, monkeypatch):
+    """Dispatcher.copy(pairs): the first call validates and binds; a later call with the same addresses and
+    geometry is one C++ lookup and launch (the Python path is never entered); new addresses miss."""
+    dev = torch.device("cuda")
+    d = Dispatcher(None, strategy=NAME)
+    buf = torch.empty(64, 300, dtype=torch.int32, device=dev)
+    dsts = [torch.empty(37, dtype=torch.int32, device=dev), buf[:, :257]]
+    srcs = [random_fill(torch.empty(37, dtype=torch.int32, device=dev)),
+            random_fill(torch.empty(64, 257, dtype=torch.int32, device=dev))]
+    pairs = list(zip(srcs, dsts))
+    d.copy(pairs)
+    assert d._exact is not None and d._exact.size() == 1
+    monkeypatch.setattr(d, "_runner", lambda plan: pytest.fail("the Python path ran for a batch seen before"))
+    for _ in range(3):
+        for t in dsts:
+            random_fill(t)
+        d.copy(pairs)
+        torch.cuda.synchronize()
+        assert all(torch.equal(s, t) for s, t in pairs)
+    monkeypatch.undo()
+    fresh = [(random_fill(torch.empty_like(s)), t) for s, t in pairs]  # other addresses: a miss, then a hit
+    d.copy(fresh)
+    torch.cuda.synchronize()
+    assert all(torch.equal(s, t) for s, t in fresh) and d._exact.size() == 2
+    d.copy([[s, t] for s, t in pairs])  # lists, not tuples: the Python path, still exact
+    assert d._exact.size() == 2
+
+
+@pytest.mark.cuda
+def test_the_checked_run_checks_in_cpp_with_the_same_verdicts(built):
+    """BoundCopy.run(srcs) with checked=True: geometry and source/destination overlap decided in C++, the same
+    errors as the Python check, and interleaved strided views (extents meet, bytes do not) still copied."""
+    dev = torch.device("cuda")
+    d = Dispatcher(None, strategy=NAME)
+    buf = torch.zeros(4096, dtype=torch.int32, device=dev)
+    dst, src = buf[0:2048:2], random_fill(torch.empty(1024, dtype=torch.int32, device=dev))
+    other = torch.zeros(100, dtype=torch.int32, device=dev)
+
+    def strided():  # 100 elements two apart: the geometry pair 1 is bound with
+        return random_fill(torch.empty(200, dtype=torch.int32, device=dev))[::2]
+    bound = d.bind([(src, dst), (strided(), other)])
+    assert bound._checked_run is not None
+    fresh = [random_fill(torch.empty(1024, dtype=torch.int32, device=dev)), strided()]
+    bound.run(fresh)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, fresh[0]) and torch.equal(other, fresh[1])
+    with pytest.raises(ValueError, match="pair 1: source .* does not match the bound"):
+        bound.run([fresh[0], torch.ones(100, dtype=torch.int32, device=dev)])
+    with pytest.raises(ValueError, match="pair 1: source overlaps the destination of pair 0"):
+        bound.run([fresh[0], buf[100:300:2]])  # even elements: pair 0's destination bytes
+    interleaved = buf[1:201:2]  # odd elements: within pair 0's extent, none of its bytes
+    random_fill(interleaved)
+    want = interleaved.clone()
+    bound.run([fresh[0], interleaved])
+    torch.cuda.synchronize()
+    assert torch.equal(other, want)

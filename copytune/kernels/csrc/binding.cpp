@@ -6,12 +6,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "batched_copy.cuh"
 
 namespace copytune {
+
+// run_sequence_checked: a source's extent meets a destination's; the caller checks byte by byte.
+const char* const kMaybeOverlap = "cuda_ext: a source's extent meets a destination's";
 
 // Errors come back as strings (empty on success) instead of exceptions: on the GPU hosts (torch 2.11, CUDA 13)
 // a c10::Error thrown out of this module through pybind11 crashed the process with SIGSEGV, and a serving process
@@ -32,6 +38,7 @@ class BoundBatch {
                           flat[6 * i + 5]};
       }
       bound_ = raw_;
+      index_destinations();
       const size_t chunks = (raw_.size() + kMaxCopies - 1) / kMaxCopies;
       params_.resize(chunks);
       tiles_.resize(chunks);
@@ -75,6 +82,7 @@ class BoundBatch {
       (*v)[i].src_stride = src_stride;
       (*v)[i].dst_stride = dst_stride;
     }
+    index_destinations();
     plan();
     return "";
   }
@@ -110,6 +118,27 @@ class BoundBatch {
   // New sources as a Python list or tuple of tensors, read straight off the sequence: no pybind11 conversion to a
   // std::vector<at::Tensor> (a refcount pair per tensor) when called through fast("run_sequence").
   std::string run_sequence(PyObject* seq) {
+    std::string err = take_sequence(seq);
+    return err.empty() ? commit_and_launch() : err;
+  }
+
+  // The checked call (BoundCopy.run with checked=True): the checks above, and no source's bytes within a
+  // destination's extent. Where an extent meets one, kMaybeOverlap comes back and nothing is launched: strided
+  // views can interleave without sharing a byte, which the caller decides (and then launches) itself.
+  std::string run_sequence_checked(PyObject* seq) {
+    std::string err = take_sequence(seq);
+    if (!err.empty()) return err;
+    for (const RawCopy& c : pending_) {
+      if (c.rows <= 0 || c.row_bytes <= 0) continue;
+      const int64_t lo = c.src, hi = c.src + (c.rows - 1) * c.src_stride + c.row_bytes;
+      const size_t k = std::upper_bound(dst_lo_.begin(), dst_lo_.end(), lo) - dst_lo_.begin();
+      if ((k > 0 && dst_reach_[k - 1] > lo) || (k < dst_lo_.size() && dst_lo_[k] < hi)) return kMaybeOverlap;
+    }
+    return commit_and_launch();
+  }
+
+  // A call's sources as a Python list or tuple of tensors, checked, into pending_ (nothing committed).
+  std::string take_sequence(PyObject* seq) {
     if (!error_.empty()) return error_;
     if (!PyList_Check(seq) && !PyTuple_Check(seq)) return "cuda_ext: the sources must be a list or a tuple";
     const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(seq));
@@ -127,7 +156,7 @@ class BoundBatch {
     } catch (const std::exception& e) {
       return std::string("cuda_ext: ") + first_line(e.what());
     }
-    return commit_and_launch();
+    return "";
   }
 
   // Every later source is checked against these samples (one per copy, the tensors bound) before anything is
@@ -259,6 +288,22 @@ class BoundBatch {
     return s + "]";
   }
 
+  // Destination extents sorted by start, with the furthest end so far: one binary search tells whether a source
+  // extent meets any of them (run_sequence_checked).
+  void index_destinations() {
+    std::vector<std::pair<int64_t, int64_t>> ext;
+    for (const RawCopy& c : raw_) {
+      if (c.rows > 0 && c.row_bytes > 0) ext.emplace_back(c.dst, c.dst + (c.rows - 1) * c.dst_stride + c.row_bytes);
+    }
+    std::sort(ext.begin(), ext.end());
+    dst_lo_.clear();
+    dst_reach_.clear();
+    for (const auto& e : ext) {
+      dst_lo_.push_back(e.first);
+      dst_reach_.push_back(dst_reach_.empty() ? e.second : std::max(dst_reach_.back(), e.second));
+    }
+  }
+
   static std::string describe_error(const std::vector<int64_t>& flat, int64_t device, int64_t unroll) {
     if (flat.size() % 6) return "cuda_ext: " + std::to_string(flat.size()) + " descriptor values, not 6 per copy";
     if (device < 0) return "cuda_ext: device index " + std::to_string(device);
@@ -306,6 +351,7 @@ class BoundBatch {
   std::vector<RawCopy> raw_;    // what the next launch copies
   std::vector<RawCopy> bound_;  // the bound sources and shapes (run()); raw_ differs after a call's sources
   bool rebound_ = false;
+  std::vector<int64_t> dst_lo_, dst_reach_;  // index_destinations()
   std::vector<int64_t> offsets_;
   struct Follow {
     int64_t max_row_bytes, itemsize;  // itemsize 0: the copy keeps its bound shape
@@ -321,6 +367,93 @@ class BoundBatch {
   std::vector<std::string> paths_;                     // the same paths as given, for error messages
   std::vector<Params> params_;
   std::vector<int64_t> tiles_;
+};
+
+// The unbound call at the floor: batched_copy(pairs) whose every pair has the addresses, dtype, device, sizes and
+// strides of a batch validated and bound before (the caching allocator hands a serving step the same blocks) is
+// looked up and launched here: no Python frame, no tuple of ~10 attributes a pair. Everything validation depends
+// on is in the key, so a hit needs no check; a miss goes back to Python, which validates, binds and put()s.
+class ExactCache {
+ public:
+  explicit ExactCache(int64_t capacity) : capacity_(static_cast<size_t>(std::max<int64_t>(capacity, 1))) {}
+
+  // None: launched; False: not here (or not a list/tuple of (src, dst) tuples of tensors); str: the launch's error.
+  PyObject* run(PyObject* pairs) {
+    bool found = false;
+    std::string err;
+    try {
+      if (key_of(pairs, &key_)) {
+        auto it = map_.find(key_);
+        if (it != map_.end()) {
+          found = true;
+          err = it->second.batch->run();
+        }
+      }
+    } catch (const std::exception& e) {  // a tensor without storage, say: not ours to launch
+      found = false;
+    }
+    if (!found) Py_RETURN_FALSE;
+    if (err.empty()) Py_RETURN_NONE;
+    return PyUnicode_FromStringAndSize(err.data(), static_cast<Py_ssize_t>(err.size()));
+  }
+
+  // Remember `batch` (a BoundBatch bound for exactly these pairs); "" or why not (nothing changes then).
+  std::string put(pybind11::handle pairs, pybind11::object batch) {
+    if (!pybind11::isinstance<BoundBatch>(batch)) return "cuda_ext: not a BoundBatch";
+    std::vector<int64_t> key;
+    try {
+      if (!key_of(pairs.ptr(), &key)) return "cuda_ext: not a list or tuple of (src, dst) tuples of tensors";
+    } catch (const std::exception& e) {
+      return std::string("cuda_ext: ") + e.what();
+    }
+    if (map_.size() >= capacity_) map_.clear();  // a new working set: the next misses rebuild it
+    map_[std::move(key)] = Entry{batch.cast<BoundBatch*>(), batch};
+    return "";
+  }
+
+  void clear() { map_.clear(); }
+  int64_t size() const { return static_cast<int64_t>(map_.size()); }
+
+ private:
+  struct Entry {
+    BoundBatch* batch;
+    pybind11::object owner;  // keeps `batch` alive
+  };
+  struct Hash {
+    size_t operator()(const std::vector<int64_t>& k) const {
+      uint64_t h = 1469598103934665603ull;  // FNV-1a over the values
+      for (int64_t v : k) h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
+      return static_cast<size_t>(h);
+    }
+  };
+
+  static bool key_of(PyObject* pairs, std::vector<int64_t>* key) {
+    if (!PyList_Check(pairs) && !PyTuple_Check(pairs)) return false;
+    key->clear();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(pairs);
+    PyObject** items = PySequence_Fast_ITEMS(pairs);
+    key->push_back(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* pair = items[i];
+      if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) return false;
+      for (int side = 0; side < 2; ++side) {
+        PyObject* obj = PyTuple_GET_ITEM(pair, side);
+        if (!THPVariable_Check(obj)) return false;
+        const at::Tensor& t = THPVariable_Unpack(obj);
+        key->push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+        key->push_back(static_cast<int64_t>(t.scalar_type()));
+        key->push_back(static_cast<int64_t>(t.device().type()) * 4096 + t.device().index());
+        key->push_back(t.dim());
+        for (int64_t d : t.sizes()) key->push_back(d);
+        for (int64_t d : t.strides()) key->push_back(d);
+      }
+    }
+    return true;
+  }
+
+  size_t capacity_;
+  std::vector<int64_t> key_;  // reused by run(): no allocation per call once grown
+  std::unordered_map<std::vector<int64_t>, Entry, Hash> map_;
 };
 
 // Per-step entry points as plain CPython functions (METH_O, bound to a capsule holding the batch): a pybind11
@@ -355,8 +488,14 @@ PyObject* run_sequence(PyObject* capsule, PyObject* seq) {
   return b == nullptr ? nullptr : result(b->run_sequence(seq));
 }
 
+PyObject* run_checked(PyObject* capsule, PyObject* seq) {
+  BoundBatch* b = batch_of(capsule);
+  return b == nullptr ? nullptr : result(b->run_sequence_checked(seq));
+}
+
 PyMethodDef kRunAttrs = {"run_attrs", run_attrs, METH_O, "Launch with the sources read off one object."};
 PyMethodDef kRunSequence = {"run_sequence", run_sequence, METH_O, "Launch with a list or tuple of sources."};
+PyMethodDef kRunChecked = {"run_checked", run_checked, METH_O, "Launch with checked sources (no overlap)."};
 
 void release(PyObject* capsule) {
   auto* h = static_cast<Handle*>(PyCapsule_GetPointer(capsule, kCapsule));
@@ -368,7 +507,8 @@ void release(PyObject* capsule) {
 
 // The METH_O function `which` bound to `self`; None where it cannot be made (the pybind11 methods remain).
 pybind11::object make(pybind11::object self, const std::string& which) {
-  PyMethodDef* def = which == "run_attrs" ? &kRunAttrs : which == "run_sequence" ? &kRunSequence : nullptr;
+  PyMethodDef* def = which == "run_attrs" ? &kRunAttrs : which == "run_sequence" ? &kRunSequence
+                     : which == "run_checked" ? &kRunChecked : nullptr;
   BoundBatch* batch = pybind11::isinstance<BoundBatch>(self) ? self.cast<BoundBatch*>() : nullptr;
   if (def == nullptr || batch == nullptr) return pybind11::none();
   auto* h = new Handle{batch, self.ptr()};
@@ -389,8 +529,53 @@ pybind11::object make(pybind11::object self, const std::string& which) {
   return pybind11::reinterpret_steal<pybind11::object>(fn);
 }
 
+constexpr const char* kCacheCapsule = "copytune.ExactCache";
+
+struct CacheHandle {
+  ExactCache* cache;
+  PyObject* owner;
+};
+
+PyObject* cache_run(PyObject* capsule, PyObject* pairs) {
+  auto* h = static_cast<CacheHandle*>(PyCapsule_GetPointer(capsule, kCacheCapsule));
+  return h == nullptr ? nullptr : h->cache->run(pairs);
+}
+
+PyMethodDef kCacheRun = {"run", cache_run, METH_O, "Launch a batch seen before: None, False (a miss) or an error."};
+
+void release_cache(PyObject* capsule) {
+  auto* h = static_cast<CacheHandle*>(PyCapsule_GetPointer(capsule, kCacheCapsule));
+  if (h != nullptr) {
+    Py_DECREF(h->owner);
+    delete h;
+  }
+}
+
+// The cache's run() as a METH_O function (what Dispatcher.copy calls first); None where it cannot be made.
+pybind11::object make_cache_run(pybind11::object self) {
+  ExactCache* cache = pybind11::isinstance<ExactCache>(self) ? self.cast<ExactCache*>() : nullptr;
+  if (cache == nullptr) return pybind11::none();
+  auto* h = new CacheHandle{cache, self.ptr()};
+  Py_INCREF(self.ptr());
+  PyObject* capsule = PyCapsule_New(h, kCacheCapsule, release_cache);
+  if (capsule == nullptr) {
+    PyErr_Clear();
+    Py_DECREF(self.ptr());
+    delete h;
+    return pybind11::none();
+  }
+  PyObject* fn = PyCFunction_New(&kCacheRun, capsule);
+  Py_DECREF(capsule);
+  if (fn == nullptr) {
+    PyErr_Clear();
+    return pybind11::none();
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(fn);
+}
+
 }  // namespace fast
 }  // namespace copytune
+
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
@@ -408,5 +593,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("tiles", &copytune::BoundBatch::tiles)
       .def("unroll", &copytune::BoundBatch::unroll)
       .def("fast", &copytune::fast::make);
+  pybind11::class_<copytune::ExactCache>(m, "ExactCache")
+      .def(pybind11::init<int64_t>())
+      .def("put", &copytune::ExactCache::put)
+      .def("clear", &copytune::ExactCache::clear)
+      .def("size", &copytune::ExactCache::size)
+      .def("fast_run", &copytune::fast::make_cache_run);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
+  m.attr("MAYBE_OVERLAP") = copytune::kMaybeOverlap;
 }
