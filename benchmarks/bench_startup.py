@@ -91,12 +91,13 @@ def new_signature(engine, tuning: str, slow_s: float, cache: Path) -> dict:
         after = [step(k) for k in range(41, 81)]
         for src, dst in nsa.copy_pairs(md, pres[80 % len(pres)], fm):
             assert torch.equal(src, dst), "a refresh differs from the engine's copies"
-        binding = nsa._SITE.binding(id(md))
+        choice = nsa._SITE.binding(id(md)).bound.choice
         out = {"tuning": tuning, "slow_s": slow_s, "first_step_us": first,
                "during_median_us": statistics.median(during), "pending_after_40_steps": pending,
                "background_left_s": waited, "after_median_us": statistics.median(after),
-               "winner": f"{binding.bound.choice.strategy} {binding.bound.choice.params} ({binding.bound.choice.origin})"}
-        print(f"new signature, {tuning:<8}: first step {first:10.1f} us, next 40 median {out['during_median_us']:.1f} us"
+               "winner": f"{choice.strategy} {choice.params} ({choice.origin})"}
+        print(f"new signature, {tuning:<8}: first step {first:10.1f} us, next 40 median {out['during_median_us']:.1f}"
+              " us"
               f" ({pending} key(s) still tuning), after adoption {out['after_median_us']:.1f} us, {out['winner']}")
         return out
     finally:

@@ -29,8 +29,8 @@ from copytune.cache.store import ROW_ERRORS, SERVING_BUSY_TIMEOUT_S, Store
 from copytune.kernels import BoundLaunch, Config, UnsupportedPlan, get_strategy, strategies
 from copytune.kernels.base import BatchRunner, launch_error, returning_errors
 from copytune.log import logger, warn_once
-from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.neighbours import Neighbours
+from copytune.plan import CopyPlan, as_view, bytes_meet, extent, extents_meet, span_bytes
 from copytune.signature import MODES, describe_signature, device_fingerprint, make_key, shape_signature
 
 DEFAULT_ORDER = ("triton_unified", "torch_foreach", "torch_per_copy")

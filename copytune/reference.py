@@ -51,7 +51,7 @@ std::string launch(const std::vector<at::Tensor>& srcs, const std::vector<at::Te
       const at::Tensor& d = dsts[c];
       if (s.scalar_type() != at::kInt || d.scalar_type() != at::kInt || !s.is_cuda() || !d.is_cuda() ||
           s.dim() > 2 || d.dim() != s.dim() || s.sizes() != d.sizes() || d.numel() > INT32_MAX ||
-          (s.dim() == 2 && (s.stride(1) != 1 || d.stride(1) != 1)) || (s.dim() == 1 && (s.stride(0) != 1 || d.stride(0) != 1))) {
+          s.stride(-1) != 1 || d.stride(-1) != 1) {  // rows of contiguous elements (1-D: one row)
         return "reference: copy " + std::to_string(c) + " is not an int32 CUDA copy of rows of contiguous elements";
       }
       p.src[c] = static_cast<const int*>(s.data_ptr());

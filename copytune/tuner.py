@@ -138,7 +138,7 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
             if step is not None:
                 steps[id(timing)] = step
             after_overrun()
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         field_ = [t for t in timings if id(t) in steps]
         _time_rounds(field_, steps, run, timer, mode, device)
         after_overrun()

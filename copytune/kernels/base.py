@@ -94,6 +94,24 @@ class Refusal(str):
     kind: type[Exception] = RuntimeError
 
 
+class TensorLaunch(BoundLaunch):
+    """A bound launch of a strategy that takes tensors (the torch ones): each call hands ``copy_pairs`` the sources
+    (the bound ones, read off the plan when needed and never pinned here) and the destinations."""
+
+    __slots__ = ("dsts", "plan")
+
+    def __init__(self, plan: CopyPlan):
+        self.plan, self.dsts = plan, [d for _, d in plan.pairs]
+
+    def __call__(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
+        if srcs is not None:
+            check_count(srcs, len(self.dsts), self.strategy)
+        self.copy_pairs([s for s, _ in self.plan.pairs] if srcs is None else list(srcs), self.dsts)
+
+    def copy_pairs(self, srcs: list, dsts: list) -> None:
+        raise NotImplementedError
+
+
 class BatchRunner:
     """What ``Strategy.runner`` returns where a batch is one C++ object: called with each call's pairs (the same
     addresses), and handed by the dispatcher to that module's exact-address cache, which then launches such calls

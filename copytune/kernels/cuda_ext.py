@@ -20,8 +20,17 @@ from pathlib import Path
 
 import torch
 
-from copytune.kernels.base import (BatchRunner, BoundLaunch, Config, Params, UnsupportedPlan, as_device, as_plan,
-                                   int_in, launch_error)
+from copytune.kernels.base import (
+    BatchRunner,
+    BoundLaunch,
+    Config,
+    Params,
+    UnsupportedPlan,
+    as_device,
+    as_plan,
+    int_in,
+    launch_error,
+)
 from copytune.plan import CopyPlan
 
 CSRC = Path(__file__).parent / "csrc"

@@ -7,11 +7,9 @@ rewrites NaN payloads of float16/bfloat16, where ``copy_`` keeps them. So it dec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from copytune.kernels.base import BoundLaunch, Config, Params, UnsupportedPlan, as_plan, check_count
+from copytune.kernels.base import Config, Params, TensorLaunch, UnsupportedPlan, as_plan
 from copytune.plan import CopyPlan
 
 
@@ -55,20 +53,14 @@ def _check(strategy: TorchForeach, plan: CopyPlan) -> None:
         raise UnsupportedPlan(f"torch_foreach is not bit-exact for {plan.pairs[bad][1].dtype} (pair {bad})")
 
 
-class BoundForeach(BoundLaunch):
-    """One ``_foreach_copy_``; the bound sources are read off the plan when needed (never pinned here)."""
+class BoundForeach(TensorLaunch):
+    """One ``_foreach_copy_``."""
 
     strategy = "torch_foreach"
-    __slots__ = ("dsts", "plan")
 
-    def __init__(self, plan: CopyPlan):
-        self.plan, self.dsts = plan, [d for _, d in plan.pairs]
-
-    def __call__(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
-        if srcs is not None:
-            check_count(srcs, len(self.dsts), self.strategy)
-        if self.dsts:
-            torch._foreach_copy_(self.dsts, [s for s, _ in self.plan.pairs] if srcs is None else list(srcs))
+    def copy_pairs(self, srcs: list, dsts: list) -> None:
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
 
 
 def foreach_copy(pairs) -> None:

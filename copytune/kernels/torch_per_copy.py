@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from copytune.kernels.base import BoundLaunch, Config, Params, as_plan, check_count
+from copytune.kernels.base import Config, Params, TensorLaunch, as_plan
 from copytune.plan import CopyPlan
 
 
@@ -36,19 +32,13 @@ class TorchPerCopy:
         copy_each(as_plan(plan_or_pairs).pairs)
 
 
-class BoundPerCopy(BoundLaunch):
-    """One ``copy_`` per pair; the bound sources are read off the plan when needed (never pinned here)."""
+class BoundPerCopy(TensorLaunch):
+    """One ``copy_`` per pair."""
 
     strategy = "torch_per_copy"
-    __slots__ = ("dsts", "plan")
 
-    def __init__(self, plan: CopyPlan):
-        self.plan, self.dsts = plan, [d for _, d in plan.pairs]
-
-    def __call__(self, srcs: Sequence[torch.Tensor] | None = None) -> None:
-        if srcs is not None:
-            check_count(srcs, len(self.dsts), self.strategy)
-        for s, d in zip([s for s, _ in self.plan.pairs] if srcs is None else srcs, self.dsts):
+    def copy_pairs(self, srcs: list, dsts: list) -> None:
+        for s, d in zip(srcs, dsts):
             d.copy_(s)
 
 

@@ -1,7 +1,7 @@
 """The winner cache: round trip, and every kind of bad file degrading to memory without touching the file."""
 
-import sqlite3
 import logging
+import sqlite3
 
 import pytest
 

@@ -52,7 +52,8 @@ def test_the_launch_contract(strategy_name, device):
     assert isinstance(strategy.serves_cpu, bool)
     # rows of a wider buffer: a launch describes them as rows (a full-width 2-D copy would be one merged row, and
     # following its source's shape is BoundCopy's job, which splits it back first)
-    dsts = [torch.zeros(7, dtype=torch.int32, device=device), torch.zeros(5, 12, dtype=torch.int32, device=device)[:, :9]]
+    i32 = dict(dtype=torch.int32, device=device)
+    dsts = [torch.zeros(7, **i32), torch.zeros(5, 12, **i32)[:, :9]]
     srcs = [random_fill(torch.empty_like(d)) for d in dsts]
     plan = CopyPlan.from_pairs(list(zip(srcs, dsts)))
     for params in strategy.candidates(plan):
