@@ -265,3 +265,12 @@ def test_tune_retune_times_every_key_again(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.split("origin", 1)[1].count("tuned") == 3  # every batch, each key timed once
     assert all(r["tuned_at"] > stamps[r["key"]] for r in Store(cache).rows())
+
+
+def test_every_command_that_touches_a_cache_takes_cache():
+    """--cache (and $COPYTUNE_CACHE) on every command that reads or writes winners; the others touch none (bench
+    tunes into a temporary cache, info and build read no winners)."""
+    touching = {"show", "export", "import", "clear", "tune", "run"}
+    for name, command in main.commands.items():
+        options = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        assert ("--cache" in options) == (name in touching), name
