@@ -209,6 +209,7 @@ def _time_rounds(field_: list[Timing], steps: dict, run: _Limited, timer: Timer,
                     sample = run(t, lambda t=t: float(timer(steps[id(t)], mode, device)))
                     if sample is not None:
                         t.samples.append(sample)
+                    time.sleep(0)  # hand the GIL over between samples: a serving thread waits one sample at most
     for t in field_:
         t.time_us = statistics.median(t.samples) if t.reason is None and t.samples else None
 
