@@ -59,6 +59,8 @@ def test_the_launch_contract(strategy_name, device):
     for params in strategy.candidates(plan):
         assert isinstance(params, Config) and hash(params) == hash(Config(dict(params)))
         assert strategy.validate_params(params) is None
+        with pytest.raises(TypeError, match="immutable"):
+            params["unroll"] = 3
     launch = strategy.bind(plan, strategy.candidates(plan)[0])
     assert isinstance(launch, BoundLaunch) and launch.strategy == strategy_name
     assert isinstance(launch.expect_sources(srcs), bool) and launch.checks_sources in (True, False)
