@@ -48,6 +48,29 @@ def test_kernel_compiles_without_spills_and_uses_16_byte_accesses(tmp_path):
     assert re.search(r"ld\.global(\.nc)?\.v4\.u32", ptx) and "st.global.v4.u32" in ptx  # uint4: 16-byte accesses
 
 
+CXX = shutil.which("g++") or shutil.which("c++")
+CUDA_INCLUDE = next((p for p in ("/usr/local/cuda/include", "/usr/include") if Path(p, "cuda_runtime.h").exists()),
+                    None)
+
+
+@pytest.mark.skipif(CXX is None or CUDA_INCLUDE is None, reason="no C++ compiler or CUDA headers here")
+def test_the_binding_compiles_against_torch_headers(tmp_path):
+    """binding.cpp checked by the C++ compiler against this torch's headers, on machines without a GPU (CI): a
+    type or syntax error shows here instead of on the first GPU machine. A CPU wheel of torch lacks one generated
+    CUDA header; a stand-in takes its place."""
+    from torch.utils import cpp_extension
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [str(tmp_path), *cpp_extension.include_paths(), CUDA_INCLUDE,
+                __import__("sysconfig").get_paths()["include"]]
+    out = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", "-w", *[f"-I{p}" for p in includes],
+                          "-DTORCH_EXTENSION_NAME=copytune_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                          str(cuda_ext.CSRC / "binding.cpp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def built():
     if not torch.cuda.is_available():
