@@ -93,14 +93,22 @@ class BackgroundTuner:
         """The key's device and a stream of this thread's own, so the tune never queues behind (or ahead of) a
         serving step's work."""
         if device is None or device.type != "cuda":
-            return contextlib.nullcontext()
+            return on_stream(None)
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(device))
-        stack.enter_context(torch.cuda.stream(stream))
-        return stack
+        return on_stream(stream)
+
+
+def on_stream(stream: torch.cuda.Stream | None):
+    """Work on ``stream`` and its device (None: as the thread is). A new thread starts on the current device's
+    default stream, and selecting a stream does not select its device."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(stream.device))
+    stack.enter_context(torch.cuda.stream(stream))
+    return stack
 
 
 def _stop(ref) -> None:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 import torch
 
 from copytune.background import BackgroundTuner
-from copytune.cache.store import ROW_ERRORS, SERVING_BUSY_TIMEOUT_S, Store
+from copytune.cache.store import SERVING_BUSY_TIMEOUT_S, Store
 from copytune.kernels import BoundLaunch, Config, UnsupportedPlan, get_strategy, strategies
 from copytune.kernels.base import BatchRunner, launch_error, returning_errors
 from copytune.log import logger, warn_once
@@ -129,9 +129,10 @@ class Dispatcher:
                     choice = self._interim(key, plan)
                 tuned = None if choice is not None else self._tuned(key, plan, force=retune)
                 if retune and tuned is not None:
-                    notify = self._adopt(key, plan, tuned)  # runners and bindings of the old winner go
-                choice = choice or tuned or Choice(default_strategy(plan), {}, "default")
-                self._remember(key, plan, choice)
+                    choice, notify = tuned, self._adopt(key, shape_signature(plan), tuned)  # old runners go
+                else:
+                    choice = choice or tuned or Choice(default_strategy(plan), {}, "default")
+                    self._remember(key, shape_signature(plan), choice)
             self._notify(key, notify)  # outside the key lock: a hook may choose again
         return choice
 
@@ -141,25 +142,22 @@ class Dispatcher:
         plan = pairs if isinstance(pairs, CopyPlan) else CopyPlan.from_pairs(pairs)
         if not plan.pairs:
             return Choice("torch_per_copy", {}, "default")
-        choice = self.choose(plan) if self.tuning != "deferred" else self._table.get(self.key(plan))
-        if choice is None or choice.origin == "interim":
-            key = self.key(plan)
-            with self._key_lock(key):
-                choice = self._table.get(key)
-                if choice is None or choice.origin == "interim":
-                    notify = []
-                    choice = self._forced(plan) or self._cached(key, plan) or self._tuned(key, plan, force=True)
-                    if choice is not None:
-                        notify = self._adopt(key, plan, choice)
-                    elif self.tuning == "deferred":  # the tune failed (warned): serve, and try again off the step
-                        choice = self._table.get(key) or self._interim(key, plan)
-                        self._remember(key, plan, choice)
-                    else:
-                        choice = Choice(default_strategy(plan), {}, "default")
-                        self._remember(key, plan, choice)
-                else:
-                    notify = []
-            self._notify(key, notify)
+        key = self.key(plan)
+        choice = self.choose(plan) if self.tuning != "deferred" else self._table.get(key)
+        if choice is not None and choice.origin != "interim":
+            return choice
+        notify = []
+        with self._key_lock(key):
+            choice = self._table.get(key)
+            if choice is None or choice.origin == "interim":
+                tuned = self._forced(plan) or self._cached(key, plan) or self._tuned(key, plan, force=True)
+                if tuned is not None:
+                    choice, notify = tuned, self._adopt(key, shape_signature(plan), tuned)
+                elif choice is None:  # the tune failed (warned): serve it (deferred: and try again off the step)
+                    choice = self._interim(key, plan) if self.tuning == "deferred" else \
+                        Choice(default_strategy(plan), {}, "default")
+                    self._remember(key, shape_signature(plan), choice)
+        self._notify(key, notify)
         return choice
 
     def wait_tuned(self, timeout: float | None = None) -> bool:
@@ -209,16 +207,8 @@ class Dispatcher:
         if row["mode"] != self.mode or strategy is None or strategy.available(device) is not None or \
                 _invalid_params(strategy, row["params"]) is not None:
             return False
-        choice = Choice(row["strategy"], row["params"], "cache")
-        with self._lock:
-            self._table[row["key"]] = choice
-            self._adopted()
-            listeners = list(self._listeners)
-            try:
-                self._neighbours.add(row["signature"], choice)
-            except ROW_ERRORS + (AttributeError,):
-                pass  # a row that cannot be a neighbour is still this key's winner
-        self._notify(row["key"], listeners)
+        self._notify(row["key"], self._adopt(row["key"], row["signature"], Choice(row["strategy"], row["params"],
+                                                                                  "cache")))
         return True
 
     def _tuned(self, key: str, plan: CopyPlan, force: bool = False) -> Choice | None:
@@ -237,7 +227,7 @@ class Dispatcher:
             return None
         self.store.put(self._row(key, plan, result))  # publish on tune, not at exit
         speedup = f"{result.baseline_us / result.time_us:.2f}x per-copy torch" \
-            if result.baseline_us == result.baseline_us and result.time_us > 0 else "baseline failed"
+            if not math.isnan(result.baseline_us) and result.time_us > 0 else "baseline failed"
         logger.info("copytune: tuned %s (%s, key %s) in %.2f s: %s %s, %.2f us, %s", describe_signature(
             shape_signature(plan)), self.mode, key[:12], time.perf_counter() - t0, result.strategy, result.params,
             result.time_us, speedup)
@@ -272,24 +262,20 @@ class Dispatcher:
                 return  # prepare() or a retune got there first
             choice = self._tuned(key, plan, force=True)
             if choice is not None:
-                notify = self._adopt(key, plan, choice)
+                notify = self._adopt(key, shape_signature(plan), choice)
         self._notify(key, notify)
 
-    def _adopt(self, key: str, plan: CopyPlan, choice: Choice) -> list:
-        """Make ``choice`` the key's winner from now on: runners go, the generation moves on. Returns the hooks
-        to call once the caller released the key's lock (``_notify``)."""
+    def _adopt(self, key: str, signature: list, choice: Choice) -> list:
+        """Make ``choice`` the key's winner from now on: runners (Python and C++) of the old choice go, and whoever
+        built one while it changed sees the new generation (``copy`` and call sites insert only what they built
+        within one generation). Returns the hooks to call once the caller released the key's lock (``_notify``)."""
         with self._lock:
-            self._remember(key, plan, choice)
-            self._adopted()
+            self._remember(key, signature, choice)
+            self._runners.clear()
+            if self._exact is not None:
+                self._exact.clear()
+            self.generation += 1
             return list(self._listeners)
-
-    def _adopted(self) -> None:
-        """Under ``_lock``: runners of the old choice go, and whoever built one while it changed sees the new
-        generation (``copy`` and call sites insert only what they built within one generation)."""
-        self._runners.clear()
-        if self._exact is not None:
-            self._exact.clear()
-        self.generation += 1
 
     @staticmethod
     def _notify(key: str, listeners: list) -> None:
@@ -300,11 +286,11 @@ class Dispatcher:
                 warn_once(f"listener:{type(exc).__name__}", "copytune: an adoption hook failed (%s: %s)",
                           type(exc).__name__, exc)
 
-    def _remember(self, key: str, plan: CopyPlan, choice: Choice) -> None:
+    def _remember(self, key: str, signature: list, choice: Choice) -> None:
         self._table[key] = choice
         if choice.origin in ("cache", "tuned"):
             with self._lock:
-                self._neighbours.add(shape_signature(plan), choice)
+                self._neighbours.add(signature, choice)  # a signature it cannot read is no neighbour
 
     def _catalogue(self, device) -> None:
         """Once per device: the stored winners of this device and mode become neighbour candidates (one SQL read,
@@ -316,11 +302,10 @@ class Dispatcher:
         rows = [r for r in self.store.rows() if r["mode"] == self.mode and r["device"] == fingerprint]
         with self._lock:
             for r in rows:
-                try:
-                    self._neighbours.add(r["signature"], Choice(r["strategy"], r["params"], "cache"))
-                except ROW_ERRORS + (AttributeError,) as exc:  # a malformed stored signature is no neighbour
+                why = self._neighbours.add(r["signature"], Choice(r["strategy"], r["params"], "cache"))
+                if why is not None:
                     warn_once(f"bad-signature:{r['key']}", "copytune: cache row %s has a signature no neighbour "
-                              "can be read from (%s: %s); skipped", r["key"][:12], type(exc).__name__, exc)
+                              "can be read from (%s); skipped", r["key"][:12], why)
 
     def _row(self, key: str, plan: CopyPlan, result) -> dict:
         from copytune import __version__
@@ -455,13 +440,17 @@ def _with_offsets(launch, plan: CopyPlan, offsets: list[int]):
     return Rebased(launch, plan, offsets)
 
 
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s geometry (shape, strides, dtype) as a meta tensor: no memory, nothing pinned."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
 class Rebased(BoundLaunch):
     """A launch taking base tensors for one that takes the views: builds each view per call (torch strategies)."""
 
     def __init__(self, launch: BoundLaunch, plan: CopyPlan, offsets: list[int]):
         self.launch, self.offsets, self.strategy = launch, offsets, launch.strategy
-        # the views' geometry as meta tensors (no memory): no source is pinned
-        self.likes = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta") for s, _ in plan.pairs]
+        self.likes = [_meta_like(s) for s, _ in plan.pairs]  # the views' geometry; no source is pinned
 
     def __call__(self, srcs=None) -> None:
         self.launch(None if srcs is None else [as_view(b, like, off)
@@ -478,7 +467,7 @@ class BoundCopy:
     """
 
     __slots__ = ("_checked_run", "_dst_ext", "_dst_lo", "_dst_reach", "_geometry", "_launch", "_offsets", "_spans",
-                 "checked", "checks_sources", "choice", "key", "plan", "sources_forgotten")
+                 "checked", "choice", "key", "plan", "sources_forgotten")
 
     def __init__(self, plan: CopyPlan, choice: Choice, launch, checked: bool = True, bases=None, offsets=None,
                  key: str | None = None):
@@ -487,7 +476,7 @@ class BoundCopy:
         self._offsets = offsets or [0] * len(plan.pairs)
         given = bases if bases is not None else [s for s, _ in plan.pairs]
         self._geometry = [(s.shape, s.stride(), s.dtype, s.device) for s in given]
-        self.checks_sources = launch.expect_sources(given)  # the strategy checks each new source itself (C++)
+        launch.expect_sources(given)  # where the strategy checks each new source itself (C++): checks_sources
         self._checked_run = launch.checked_launcher() if checked else None  # the whole check in C++
         self.sources_forgotten = False
         self._spans = [span_bytes(s) for s, _ in plan.pairs]
@@ -499,6 +488,11 @@ class BoundCopy:
     @property
     def strategy(self) -> str:
         return self.choice.strategy
+
+    @property
+    def checks_sources(self) -> bool:
+        """Whether the strategy checks each new source itself (C++), so the caller need not."""
+        return self._launch.checks_sources
 
     def follow_source_shape(self, i: int, max_row_bytes: int) -> bool:
         """Let copy ``i`` take its columns and source row stride from each new 2-D source (rows fixed), checked
@@ -541,8 +535,7 @@ class BoundCopy:
         """Drop this binding's references to the sources it was bound with (call sites that hand over new
         sources every call must not pin the first step's tensors); their geometry stays, as meta tensors.
         ``run()`` without sources is an error from then on."""
-        meta = tuple((torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta"), d)
-                     for s, d in self.plan.pairs)
+        meta = tuple((_meta_like(s), d) for s, d in self.plan.pairs)
         object.__setattr__(self.plan, "pairs", meta)
         self.sources_forgotten = True
 

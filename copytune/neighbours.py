@@ -33,8 +33,16 @@ class Neighbours:
     def __init__(self):
         self._by_class: dict[tuple, dict[tuple, object]] = {}
 
-    def add(self, signature, choice) -> None:
-        self._by_class.setdefault(shape_class(signature), {})[sizes(signature)] = choice
+    def add(self, signature, choice) -> str | None:
+        """Make ``choice`` the neighbour for ``signature``; the reason when the signature cannot be read (a
+        hand-edited or foreign cache row), and then nothing changes."""
+        try:
+            cls, at = shape_class(signature), sizes(signature)
+            hash(cls)
+        except (TypeError, ValueError, AttributeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        self._by_class.setdefault(cls, {})[at] = choice
+        return None
 
     def nearest(self, signature, usable=lambda choice: True):
         """The usable choice of the nearest tuned bucket of ``signature``'s class, or None."""

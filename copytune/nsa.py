@@ -490,9 +490,6 @@ def startup_max_lens() -> tuple[int, ...]:
         return STARTUP_MAX_LENS
 
 
-STARTUP = Counter()  # start-up tuning: batch sizes prepared, keys tuned, seconds
-
-
 def _patch_capture(cls, original):
     """The engine builds a batch size's graph buffers while it captures its CUDA graphs (0.5.23
     ``_build_forward_metadata_cuda_graph``, 0.5.10 ``init_forward_metadata_capture_cuda_graph``): right after,
@@ -518,7 +515,6 @@ def _patch_capture(cls, original):
             if stream is not None:
                 stream.synchronize()
             seconds = time.perf_counter() - t0
-            STARTUP.update({"batch sizes": 1, "keys tuned": tuned, "ms": round(seconds * 1e3)})
             log.info("copytune: start-up tuning, bs %d %s: %d key(s) tuned in %.2f s", call["bs"],
                      forward_mode_name(call["forward_mode"]), tuned, seconds)
         except Exception as exc:  # noqa: BLE001 - the engine's start-up must go on

@@ -20,7 +20,6 @@ The timer is an argument, so the logic is tested on CPU with scripted timings.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import threading
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from copytune.background import on_stream
 from copytune.kernels import Strategy, get_strategy, strategies
 from copytune.log import warn_once
 from copytune.plan import MAX_ALIGN, CopyPlan, span_bytes
@@ -248,7 +248,6 @@ class _Limited:
     def __init__(self, device: torch.device, limit_s: float):
         self.limit_s, self.overran = limit_s, False
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self.device = device
 
     def __call__(self, timing: Timing, work: Callable, failure: str | None = None):
         """``work()``'s value; None when it fails or overruns. A failure excludes the candidate, unless
@@ -257,7 +256,7 @@ class _Limited:
 
         def target() -> None:
             try:
-                with self._context():
+                with on_stream(self.stream):
                     box["value"] = work()
             except BaseException as exc:  # noqa: BLE001 - reported to the tuning thread
                 box["error"] = exc
@@ -280,14 +279,6 @@ class _Limited:
                       timing.params, failure, why)
             return None
         return box["value"]
-
-    def _context(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
 
     @staticmethod
     def _exclude(timing: Timing, exc: BaseException) -> None:

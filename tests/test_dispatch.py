@@ -423,6 +423,7 @@ def test_copy_hands_cpp_batches_to_the_exact_address_cache_and_adoption_empties_
     winner empties it. (The C++ cache itself: tests/kernels/test_cuda_ext.py, on a GPU.)"""
     from copytune.dispatch import Choice, _exact_key
     from copytune.kernels.base import BatchRunner
+    from copytune.signature import shape_signature
 
     class Batch:
         def __init__(self):
@@ -464,7 +465,7 @@ def test_copy_hands_cpp_batches_to_the_exact_address_cache_and_adoption_empties_
     d.copy(pairs)
     assert (len(built), batch.runs) == (1, 3)  # the cache launched them
     plan = CopyPlan.from_pairs(pairs)
-    d._adopt(d.key(plan), plan, Choice("torch_foreach", {}, "tuned"))
+    d._adopt(d.key(plan), shape_signature(plan), Choice("torch_foreach", {}, "tuned"))
     assert d._exact.size() == 0
     d.copy(pairs)
     assert len(built) == 2

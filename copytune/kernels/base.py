@@ -161,9 +161,6 @@ def returning_errors(launch: Callable, name: str) -> Callable[[Sequence[torch.Te
     return run
 
 
-Launch = BoundLaunch  # the name the strategy contract used before it was a class
-
-
 @runtime_checkable
 class Strategy(Protocol):
     """A way of performing a batch of copies. Adding one touches its module and the registry line, nothing else:
