@@ -9,7 +9,8 @@ decode refresh (page-table width growing every step, as in decoding) and for the
 ``BoundCopy.run`` paths. The last table is GPU time alone (CUDA-graph replay): launch floors, and the 4 MiB page
 table with 16-, 4- and 8-byte units (1024, 1025, 1026 columns) for every tile shape.
 
-Usage: python benchmarks/bench_breakdown.py [--bs 32,256] [--max-len 2048] [--out FILE.json]
+Usage: python benchmarks/bench_breakdown.py [--bs 32,256] [--max-len 128,2048,8192] [--only generic,multi]
+       [--backends 3,4] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -93,6 +94,34 @@ def generic_rows(bs: int, max_len: int, ref) -> list[tuple[str, float]]:
     return list(benchmark.interleaved(dict(steps), "eager", torch.device("cuda"), repeats=9).items())
 
 
+def multi_rows(bs: int, max_len: int, backends: int) -> list[tuple[str, float]]:
+    """The multi-backend refresh (speculative decoding: ``backends`` draft backends, one precomputed set), layer by
+    layer: the bound launch, the C++ read of the sources, the binding, the public call."""
+    d = Dispatcher(None, mode="eager", strategy="cuda_ext")
+    width = max_len + SETS + 64
+    mds = [nsa.make_example(bs, max_len, width, device="cuda", seed=1 + b)[0] for b in range(backends)]
+    pres = [nsa.make_example(bs, max_len + k, width, device="cuda", seed=100 + k)[1] for k in range(SETS)]
+    nsa.batched_copy_metadata_multi(mds, pres[0], dispatcher=d)
+    binding = nsa._SITE.binding(tuple(map(id, mds)))
+    batch = getattr(binding.bound._launch, "batch", None)
+    steps = [] if batch is None else [("cuda_ext BoundBatch.run() (bound addresses)", lambda i: batch.run())]
+    if binding.from_object is not None:
+        steps += [("C++ reads the attributes: run_attrs(pre)", lambda i: binding.from_object(pres[i % SETS]))]
+    steps += [
+        ("+ _Binding.run", lambda i: binding.run(pres[i % SETS])),
+        ("+ batched_copy_metadata_multi", lambda i: nsa.batched_copy_metadata_multi(mds, pres[i % SETS],
+                                                                                     dispatcher=d)),
+        (f"{backends} × the engine's copy_ sequence", lambda i: [nsa.reference_copy(md, pres[i % SETS])
+                                                                for md in mds]),
+    ]
+    out = list(benchmark.interleaved(dict(steps), "eager", torch.device("cuda"), repeats=9).items())
+    nsa.batched_copy_metadata_multi(mds, pres[1], dispatcher=d)  # every destination holds another step first
+    nsa.batched_copy_metadata_multi(mds, pres[0], dispatcher=d)
+    torch.cuda.synchronize()
+    assert all(torch.equal(s, t) for md in mds for s, t in nsa.copy_pairs(md, pres[0])), "multi copied wrong bytes"
+    return out
+
+
 def gpu_rows(ref) -> list[tuple[str, float]]:
     """GPU µs (graph replay) of the launch floors and of the page-table copy alone, aligned and not."""
     rows = [] if ref is None else \
@@ -116,28 +145,45 @@ def gpu_rows(ref) -> list[tuple[str, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", default="32,256")
-    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--max-len", default="2048", help="page-table columns, comma-separated")
+    ap.add_argument("--only", default="nsa,generic,multi,gpu", help="sections: nsa, generic, multi, gpu")
+    ap.add_argument("--backends", default="3,4", help="draft backends of the multi section")
     ap.add_argument("--out", default=None)
     ap.add_argument("--gpu-only", action="store_true", help="only the GPU-time table, without the reference module")
     args = ap.parse_args()
-    ref = None if args.gpu_only else reference.load()
+    only = {"gpu"} if args.gpu_only else set(args.only.split(","))
+    ref = reference.load() if only & {"nsa", "generic", "gpu"} and not args.gpu_only else None
     cuda_ext.build("cuda")
     card = torch.cuda.get_device_name()
     print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda}) | copytune {copytune.__version__} | "
           f"eager µs per call, median of 9 round-robin rounds")
     results = {}
-    for bs in [] if args.gpu_only else map(int, args.bs.split(",")):
-        for title, rows in ((f"NSA decode refresh, bs={bs}, max_len={args.max_len}+step",
-                             nsa_rows(bs, args.max_len, ref)),
-                            (f"generic 7-copy batch, bs={bs}, max_len={args.max_len}",
-                             generic_rows(bs, args.max_len, ref))):
-            print(f"\n{title}\n{'layer':<46} {'µs':>7} {'+µs':>7}")
-            prev = None
-            for name, us in rows:
-                delta = f"{us - prev:+7.2f}" if prev is not None and name.startswith("+") else ""
-                print(f"{name:<46} {us:7.2f} {delta:>7}")
-                prev = us
-            results[title] = rows
+    sections = []
+    for bs in map(int, args.bs.split(",")):
+        for max_len in map(int, args.max_len.split(",")):
+            if "nsa" in only:
+                sections.append((f"NSA decode refresh, bs={bs}, max_len={max_len}+step",
+                                 lambda bs=bs, m=max_len: nsa_rows(bs, m, ref)))
+            if "generic" in only:
+                sections.append((f"generic 7-copy batch, bs={bs}, max_len={max_len}",
+                                 lambda bs=bs, m=max_len: generic_rows(bs, m, ref)))
+            for n in map(int, args.backends.split(",")) if "multi" in only else ():
+                sections.append((f"NSA multi-backend refresh, {n} backends, bs={bs}, max_len={max_len}+step",
+                                 lambda bs=bs, m=max_len, n=n: multi_rows(bs, m, n)))
+    for title, measure in sections:
+        rows = measure()
+        print(f"\n{title}\n{'layer':<46} {'µs':>7} {'+µs':>7}")
+        prev = None
+        for name, us in rows:
+            delta = f"{us - prev:+7.2f}" if prev is not None and name.startswith("+") else ""
+            print(f"{name:<46} {us:7.2f} {delta:>7}")
+            prev = us
+        results[title] = rows
+        if args.out:  # after every section: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"card": card, "torch": torch.__version__, "results": results}, f, indent=1)
+    if "gpu" not in only:
+        return 0
     gpu = gpu_rows(ref)
     print(f"\nGPU time alone (CUDA-graph replay)\n{'what':<52} {'µs':>7}")
     for name, us in gpu:

@@ -24,7 +24,7 @@ import copytune
 from copytune import CopyPlan
 from copytune.tuner import default_timer
 
-MAX_BS, MAX_PAGES, SETS = 512, 4096, 4
+MAX_BS, MAX_PAGES, SETS = 512, 8192, 4
 
 
 def nsa_batch(bs: int, max_len: int, device="cuda"):
