@@ -70,8 +70,10 @@ class _Binding:
                for i, (_, width) in self.widths.items()):
             self.widths = {}
         self.launch = self.bound.sources_launcher()
-        by_name = all(isinstance(p, str) for p in paths)
-        self.from_object = self.bound.attribute_launcher(paths) if by_name and not self.widths else None
+        # one C++ call reading the sources off the step's object, where it checks them itself (expected is None)
+        uniform = all(isinstance(p, str) for p in paths) or all(isinstance(p, int) for p in paths)
+        self.from_object = self.bound.attribute_launcher(paths) if uniform and not self.widths and \
+            self.expected is None else None
         self.bound.forget_sources()
 
     def run(self, source) -> bool:
@@ -144,8 +146,16 @@ class CallSite:
         signature is new); a ValueError from validation means nothing was launched.
         """
         binding = self.bindings.get((owner, mode, self.structure(source), dispatcher))
-        if binding is None or not binding.run(source):
-            self._rebind(targets, owner, source, mode, dispatcher)
+        if binding is not None:
+            run = binding.from_object  # the common step: one C++ call, no _Binding.run frame
+            if run is not None:
+                err = run(source)
+                if err:
+                    raise launch_error(err)
+                return
+            if binding.run(source):
+                return
+        self._rebind(targets, owner, source, mode, dispatcher)
 
     def binding(self, owner):
         """``owner``'s most recent binding (benchmarks, diagnostics), or None."""

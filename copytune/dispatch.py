@@ -512,10 +512,11 @@ class BoundCopy:
         falsy value."""
         return self._launch.sources_launcher() if not self.checked else returning_errors(self.run, self.choice.strategy)
 
-    def attribute_launcher(self, names: Sequence[str]):
-        """For call sites whose new sources are attributes ``names`` (one per pair) of one object: a callable
-        taking that object, cheaper than ``sources_launcher()`` over an attrgetter where the strategy reads the
-        attributes itself (``cuda_ext``); None otherwise. Returns an error message (raise it) or a falsy value."""
+    def attribute_launcher(self, names: Sequence[str] | Sequence[int]):
+        """For call sites whose new sources are attributes ``names`` (one per pair) of one object, or its items
+        (int indices into a tuple or list): a callable taking that object, cheaper than ``sources_launcher()`` over
+        getters where the strategy reads them itself (``cuda_ext``); None otherwise. Returns an error message
+        (raise it) or a falsy value."""
         return None if self.checked else self._launch.attribute_launcher(list(names))
 
     def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:

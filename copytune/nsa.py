@@ -429,8 +429,8 @@ def _patch_multi_kernel(_module, original):
         step = _step.get()
         targets = step.metadatas(args[MULTI_ARGS - 3]) if step is not None and len(args) == MULTI_ARGS and \
             not kwargs else None
-        if targets is None or len(targets) < 3 or any(
-                args[8 + 8 * k] is not targets[k].cache_seqlens_int32 for k in range(3)):
+        if targets is None or len(targets) < 3 or args[8] is not targets[0].cache_seqlens_int32 or \
+                args[16] is not targets[1].cache_seqlens_int32 or args[24] is not targets[2].cache_seqlens_int32:
             _hand("multi-backend kernel called outside a multi-step replay")
             return original(*args, **kwargs)
         try:

@@ -82,9 +82,10 @@ class BoundLaunch:
         the caller decides byte by byte); else the message of what it refused. None where the caller checks."""
         return None
 
-    def attribute_launcher(self, names: Sequence[str]) -> Callable[[object], str | None] | None:
-        """A per-step call taking one object whose attributes ``names`` (dotted, one per copy) are the sources,
-        read without Python frames; None where the strategy cannot (the caller reads them)."""
+    def attribute_launcher(self, names: Sequence[str] | Sequence[int]) -> Callable[[object], str | None] | None:
+        """A per-step call taking one object that holds the sources, one place per copy — dotted attribute
+        ``names``, or indices into a tuple or list (an engine kernel's positional arguments) — read without
+        Python frames; None where the strategy cannot (the caller reads them)."""
         return None
 
 

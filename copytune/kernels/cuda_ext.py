@@ -206,10 +206,15 @@ class BoundCuda(BoundLaunch):
     def __init__(self, batch, live: list[int] | None, module):
         self.batch, self.live, self.module = batch, live, module
         self.checks_sources = False
+        self._sequence = _fast(batch, "run_sequence") if live is None else None  # METH_O: no pybind11 parse
 
     def __call__(self, srcs=None) -> None:
-        err = self.batch.run() if srcs is None else \
-            self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
+        if srcs is None:
+            err = self.batch.run()
+        elif self._sequence is not None:
+            err = self._sequence(srcs if isinstance(srcs, (list, tuple)) else list(srcs))
+        else:
+            err = self.batch.run_sources(srcs if self.live is None else [srcs[i] for i in self.live])
         if err:
             raise launch_error(err)
 
@@ -230,9 +235,8 @@ class BoundCuda(BoundLaunch):
         module never throws, see binding.cpp); it returns None or the error message."""
         if self.live is not None:
             return super().sources_launcher()
-        fast = _fast(self.batch, "run_sequence")
-        if fast is not None:
-            return fast
+        if self._sequence is not None:
+            return self._sequence
         run = self.batch.run_sources
         return lambda srcs: run(srcs) or None
 
@@ -245,10 +249,17 @@ class BoundCuda(BoundLaunch):
         self.maybe_overlap = self.module.MAYBE_OVERLAP  # the build is keyed by these sources: it has it
         return fast
 
-    def attribute_launcher(self, names: list[str]):
-        """A callable taking one object whose attributes ``names`` (one per copy) are the new sources, read in
-        C++; it returns an error message or "" (no Python frame, no tuple of tensors per call)."""
-        err = self.batch.set_source_attrs(names if self.live is None else [names[i] for i in self.live])
+    def attribute_launcher(self, names: list[str] | list[int]):
+        """A callable taking one object whose attributes ``names`` (one per copy; or int indices into it, a tuple
+        or list) are the new sources, read in C++, each distinct one once; it returns an error message or ""
+        (no Python frame, no tuple of tensors per call)."""
+        names = names if self.live is None else [names[i] for i in self.live]
+        if all(isinstance(n, int) for n in names):
+            err = self.batch.set_source_items(names)
+        elif all(isinstance(n, str) for n in names):
+            err = self.batch.set_source_attrs(names)
+        else:
+            return None  # a mix: the caller reads them
         if err:
             raise RuntimeError(err)
         fast = _fast(self.batch, "run_attrs")

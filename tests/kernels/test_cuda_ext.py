@@ -202,6 +202,40 @@ def test_rows_less_aligned_on_the_source_split_into_a_wide_body_and_a_tail(built
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("unroll", cuda_ext.UNROLLS)
+def test_one_source_into_several_destinations_is_read_once_and_exact(built, unroll):
+    """Draft backends of one step copy the same sources into their own buffers: one descriptor stores each unit
+    to every destination (``destinations()`` says how many). Poisoned buffers, odd widths that split, every
+    byte outside the slices untouched; new sources through the attribute path (each path read once)."""
+    from types import SimpleNamespace
+
+    dev = torch.device("cuda")
+    backends = 5
+    for cols in (1024, 1025, 1026):
+        src = SimpleNamespace(a=random_fill(torch.empty(37, dtype=torch.int32, device=dev)),
+                              t=random_fill(torch.empty(33, cols, dtype=torch.int32, device=dev)))
+        bufs = [(random_fill(torch.empty(40, dtype=torch.int32, device=dev)),
+                 random_fill(torch.empty(33, 1100, dtype=torch.int32, device=dev))) for _ in range(backends)]
+        pairs = [p for a, t in bufs for p in ((src.a, a[3:]), (src.t, t[:, :cols]))]
+        launch = get_strategy(NAME).bind(CopyPlan.from_pairs(pairs), {"unroll": unroll})
+        want = [(a.clone(), t.clone()) for a, t in bufs]
+        for a, t in want:
+            a[3:], t[:, :cols] = src.a, src.t
+        assert launch.batch.destinations() == [backends] * (2 if cols % 4 == 0 else 3)  # the tail too
+        launch()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, wa) and torch.equal(t, wt) for (a, t), (wa, wt) in zip(bufs, want)), cols
+        run = launch.attribute_launcher(["a", "t"] * backends)
+        fresh = SimpleNamespace(a=random_fill(torch.empty(37, dtype=torch.int32, device=dev)),
+                                t=random_fill(torch.empty(33, cols, dtype=torch.int32, device=dev)))
+        assert not run(fresh)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a[3:], fresh.a) and torch.equal(t[:, :cols], fresh.t) for a, t in bufs)
+        assert all(torch.equal(a[:3], wa[:3]) and torch.equal(t[:, cols:], wt[:, cols:])
+                   for (a, t), (wa, wt) in zip(bufs, want))
+
+
+@pytest.mark.cuda
 def test_every_new_source_is_checked_before_any_launch(built):
     """Unchecked bindings (the engine's hot path) still refuse a source of another device, dtype or geometry in
     C++, with one line, before launching; a call that fails at copy k leaves every copy's source as it was, and

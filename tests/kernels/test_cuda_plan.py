@@ -15,28 +15,37 @@ from tests.kernels.test_cuda_ext import NVCC
 HARNESS = r"""
 #include "batched_copy.cuh"
 #include <cstdio>
-int main() {
+#include <vector>
+int main() {  // plans every launch of the batch as BoundBatch::plan does, prints each launch's descriptors
   int count, unroll;
   if (scanf("%d %d", &count, &unroll) != 2) return 2;
-  copytune::RawCopy raw[copytune::kMaxCopies];
+  std::vector<copytune::RawCopy> raw(count);
   for (int i = 0; i < count; ++i) {
     long long v[6];
     for (auto& x : v) if (scanf("%lld", &x) != 1) return 2;
     raw[i] = copytune::RawCopy{v[0], v[1], v[2], v[3], v[4], v[5]};
   }
-  copytune::Params p;
-  const long long tiles = copytune::plan_launch(raw, count, unroll, &p);
-  printf("%lld %d\n", tiles, p.count);
-  for (int e = 0; e < p.count; ++e) {
-    const copytune::Copy& c = p.c[e];
-    printf("%lld %lld %lld %lld %lld %lld %lld %d %d\n", (long long)c.src, (long long)c.dst, (long long)c.n,
-           (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride, (long long)c.tile_begin,
-           c.vec_log2, c.load_log2);
+  int done = 0;
+  while (done < count) {
+    copytune::Params p;
+    int planned = 0;
+    const long long tiles = copytune::plan_launch(raw.data() + done, count - done, unroll, &p, &planned);
+    if (planned < 1) return 3;
+    done += planned;
+    printf("%lld %d %d\n", tiles, p.count, planned);
+    for (int e = 0; e < p.count; ++e) {
+      const copytune::Copy& c = p.c[e];
+      printf("%lld %lld %lld %lld %lld %lld %lld %d %d", (long long)c.src, (long long)c.dst, (long long)c.n,
+             (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride, (long long)c.tile_begin,
+             c.vec_log2, c.load_log2);
+      for (int x = 0; x < c.extra_count; ++x) printf(" %lld", (long long)p.extra[c.extra_begin + x]);
+      printf("\n");
+    }
   }
 }
 """
 THREADS = 256
-MAX_COPIES = 32
+MAX_COPIES, MAX_EXTRA = 32, 64
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +61,37 @@ def harness(tmp_path_factory):
     return exe
 
 
-def plan(harness, raws, unroll):
+def launches(harness, raws, unroll):
+    """Every launch of the batch: (tiles, copies planned, descriptors), each descriptor (src, dst, n, cols,
+    src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations)."""
     text = f"{len(raws)} {unroll}\n" + "\n".join(" ".join(map(str, r)) for r in raws) + "\n"
     out = subprocess.run([str(harness)], input=text, capture_output=True, text=True, check=True).stdout.split("\n")
-    tiles, count = map(int, out[0].split())
-    return tiles, [tuple(map(int, line.split())) for line in out[1:1 + count]]
+    result, k = [], 0
+    while k < len(out) and out[k]:
+        tiles, count, planned = map(int, out[k].split())
+        entries = []
+        for line in out[k + 1:k + 1 + count]:
+            v = tuple(map(int, line.split()))
+            entries.append(v[:9] + (v[9:],))
+        assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
+        result.append((tiles, planned, entries))
+        k += 1 + count
+    assert sum(planned for _, planned, _ in result) == len(raws)
+    return result
+
+
+def plan(harness, raws, unroll):
+    """The one launch of a batch that fits one: (tiles, descriptors)."""
+    (tiles, _, entries), = launches(harness, raws, unroll)
+    return tiles, entries
 
 
 def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
-    """Move bytes as the kernel does: unit i of entry e is loaded in pieces and stored whole."""
+    """Move bytes as the kernel does: unit i of entry e is loaded in pieces and stored whole, to its destination
+    and to each extra one at the same offset."""
     tile_units = THREADS * unroll
     expect_begin = 0
-    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load in entries:
+    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load, extra in entries:
         assert tile_begin == expect_begin and load <= vec
         expect_begin += -(-n // tile_units)
         unit, piece = 1 << vec, 1 << load
@@ -71,44 +99,63 @@ def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
         if cols != n:
             r, col = np.divmod(i, cols)
             src_at = src + (r * src_stride + col * (unit // piece)) * piece
-            dst_at = dst + (r * dst_stride + col) * unit
+            dst_at = (r * dst_stride + col) * unit
         else:
-            src_at, dst_at = src + i * unit, dst + i * unit
-        assert not (src_at % piece).any() and not (dst_at % unit).any(), "misaligned vector access"
+            src_at, dst_at = src + i * unit, i * unit
+        assert not (src_at % piece).any(), "misaligned load"
         offsets = np.arange(unit, dtype=np.int64)
-        memory[(dst_at[:, None] + offsets).ravel()] = memory[(src_at[:, None] + offsets).ravel()]
+        loaded = memory[(src_at[:, None] + offsets).ravel()]  # every load before any store, as a thread does
+        for base in (dst, *extra):
+            assert not ((base + dst_at) % unit).any(), "misaligned store"
+            memory[(base + dst_at[:, None] + offsets).ravel()] = loaded
     assert expect_begin == tiles
 
 
-def random_copy(rng: random.Random, base: int, room: int):
-    """A 1-D or 2-D copy whose source and destination alignments differ (the case that splits), or not."""
-    rows = rng.choice([1, 1, 2, 3, 7, 33])
-    item = rng.choice([1, 2, 4, 4, 4, 8])
-    row_bytes = item * rng.choice([1, 3, 4, 5, 17, 64, 255, 257, 1025])
-    src_stride = row_bytes + item * rng.choice([0, 0, 1, 3, 8])
-    dst_stride = row_bytes + 16 * rng.choice([0, 1, 4]) + item * rng.choice([0, 0, 2])
-    src = base + item * rng.randrange(0, 8)
-    dst = base + room // 2 + 16 * rng.randrange(0, 4) + item * rng.choice([0, 0, 0, 1, 2])
-    assert src + rows * src_stride < base + room // 2 and dst + rows * dst_stride < base + room
-    return src, dst, rows, row_bytes, src_stride, dst_stride
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_planned_descriptors_move_exactly_the_bytes_with_aligned_accesses(harness, seed):
-    rng = random.Random(seed)
-    room = 1 << 17
-    count = rng.choice([1, 2, 5, 7, 20, 32])
-    raws = [random_copy(rng, k * room + 64, room - 128) for k in range(count)]
-    memory = np.frombuffer(rng.randbytes(count * room), dtype=np.uint8).copy()
+def copy_bytes(raws, memory: np.ndarray) -> np.ndarray:
     want = memory.copy()
     for src, dst, rows, row_bytes, src_stride, dst_stride in raws:
         for r in range(rows):
             want[dst + r * dst_stride:dst + r * dst_stride + row_bytes] = \
                 memory[src + r * src_stride:src + r * src_stride + row_bytes]
+    return want
+
+
+def random_copy(rng: random.Random, base: int, room: int):
+    """A 1-D or 2-D copy whose source and destination alignments differ (the case that splits), or not; drawn
+    again until its source fits the first half of ``room`` and its destination the second."""
+    while True:
+        rows = rng.choice([1, 1, 2, 3, 7, 33])
+        item = rng.choice([1, 2, 4, 4, 4, 8])
+        row_bytes = item * rng.choice([1, 3, 4, 5, 17, 64, 255, 257, 1025])
+        src_stride = row_bytes + item * rng.choice([0, 0, 1, 3, 8])
+        dst_stride = row_bytes + 16 * rng.choice([0, 1, 4]) + item * rng.choice([0, 0, 2])
+        src = base + item * rng.randrange(0, 8)
+        dst = base + room // 2 + 16 * rng.randrange(0, 4) + item * rng.choice([0, 0, 0, 1, 2])
+        if src + rows * src_stride < base + room // 2 and dst + rows * dst_stride < base + room:
+            return src, dst, rows, row_bytes, src_stride, dst_stride
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_planned_descriptors_move_exactly_the_bytes_with_aligned_accesses(harness, seed):
+    """Random batches, some copies reading one source into several destinations (a broadcast where their row
+    strides agree), over one launch's capacity or not: every launch replayed, the bytes exact."""
+    rng = random.Random(seed)
+    room = 1 << 17
+    count = rng.choice([1, 2, 5, 7, 20, 32, 45, 100])
+    raws = []
+    for k in range(count):
+        raw = random_copy(rng, k * room + 64, room - 128)
+        if raws and rng.random() < 0.5:  # the same source as an earlier copy, into this copy's own region
+            src, _, rows, row_bytes, src_stride, dst_stride = rng.choice(raws)
+            dst = raw[1]
+            if dst + rows * dst_stride < k * room + room:
+                raw = (src, dst, rows, row_bytes, src_stride, dst_stride)
+        raws.append(raw)
+    memory = np.frombuffer(rng.randbytes(count * room), dtype=np.uint8).copy()
+    want = copy_bytes(raws, memory)
     unroll = rng.choice(cuda_ext.UNROLLS)
-    tiles, entries = plan(harness, raws, unroll)
-    assert len(entries) <= MAX_COPIES
-    replay(entries, memory, tiles, unroll)
+    for tiles, _, entries in launches(harness, raws, unroll):
+        replay(entries, memory, tiles, unroll)
     assert np.array_equal(memory, want)
 
 
@@ -116,11 +163,55 @@ def test_nsa_page_table_with_an_odd_width_splits_into_a_wide_body_and_a_tail(har
     """[512, 1025] int32 into a 16-byte aligned buffer row: 16-byte stores from 4-byte loads, then 4 bytes a row."""
     tiles, entries = plan(harness, [(4, 16, 512, 4100, 4100, 16400)], 4)
     (body, tail) = entries
-    assert body[2:4] == (512 * 256, 256) and body[7:] == (4, 2)  # units of 16 B, loads of 4 B
-    assert tail[:4] == (4 + 4096, 16 + 4096, 512, 1) and tail[7:] == (2, 2)
+    assert body[2:4] == (512 * 256, 256) and body[7:9] == (4, 2)  # units of 16 B, loads of 4 B
+    assert tail[:4] == (4 + 4096, 16 + 4096, 512, 1) and tail[7:9] == (2, 2)
 
 
 def test_a_full_launch_is_not_split_past_its_capacity(harness):
     raws = [(4 + 64 * k, 1 << 20 | 16 * k, 2, 20, 20, 32) for k in range(MAX_COPIES)]
     _, entries = plan(harness, raws, 4)
     assert len(entries) == MAX_COPIES  # no room: each stays one descriptor of common-width units
+
+
+def nsa_step(backends: int, bs: int = 32, cols: int = 1025):
+    """Speculative decoding's refresh: every draft backend copies the same 7 sources (five [bs] int32, the
+    cumulative lengths, a [bs, cols] page table) into its own buffers (the page table rows 4 KiB apart)."""
+    sources = [(1 << 20) + 4096 * k for k in range(6)] + [1 << 22]
+    copies = []
+    for b in range(backends):
+        base = (1 << 24) * (b + 1)
+        copies += [(sources[k], base + 4096 * k, 1, 4 * bs, 4 * bs, 4 * bs) for k in range(5)]
+        copies.append((sources[5] + 4, base + 4096 * 5 + 4, 1, 4 * bs, 4 * bs, 4 * bs))  # cu_seqlens[1:]
+        copies.append((sources[6], base + (1 << 23), bs, 4 * cols, 4 * cols, 4 * 4096))
+    return copies
+
+
+@pytest.mark.parametrize("backends", [2, 4, 6, 10])
+def test_draft_backends_of_one_step_read_each_source_once(harness, backends):
+    """N backends x 7 copies of 7 sources: one launch of 7 descriptors (8: the odd-width page table splits while
+    the extras have room), each storing to all N destinations."""
+    raws = nsa_step(backends)
+    (tiles, planned, entries), = launches(harness, raws, 4)
+    assert planned == len(raws) and len(entries) in (7, 8)
+    assert all(len(e[9]) == backends - 1 for e in entries)
+    assert len(entries) == 8 or 8 * (backends - 1) > MAX_EXTRA  # split where the extras hold both parts
+    low, high = min(min(r[0], r[1]) for r in raws), max(r[1] + r[2] * r[5] for r in raws)
+    memory = np.frombuffer(random.Random(backends).randbytes(high - low + 64), dtype=np.uint8).copy()
+    shifted = [(s - low, d - low, *rest) for s, d, *rest in raws]
+    want = copy_bytes(shifted, memory)
+    replay([(s - low, d - low, *mid, tuple(x - low for x in extra)) for s, d, *mid, extra in entries], memory,
+           tiles, 4)
+    assert np.array_equal(memory, want)
+
+
+def test_more_backends_than_a_launch_holds_take_further_launches(harness):
+    """12 backends: 77 extra destinations past 64 - the copies that do not fit go into a second launch."""
+    raws = nsa_step(12)
+    plans = launches(harness, raws, 2)
+    assert len(plans) == 2 and plans[0][1] == 7 + MAX_EXTRA
+
+
+def test_copies_of_one_source_with_other_row_strides_are_not_merged(harness):
+    raws = [(1 << 20, 1 << 22, 4, 64, 64, 128), (1 << 20, 1 << 23, 4, 64, 64, 256)]
+    _, entries = plan(harness, raws, 4)
+    assert len(entries) == 2 and not entries[0][9] and not entries[1][9]

@@ -7,12 +7,13 @@
 
 namespace copytune {
 
-// Copies per launch. 32 descriptors of 64 bytes keep the parameter struct at 2 KiB, under the 4 KiB kernel
-// parameter limit of every CUDA 12+ target; 3 NSA backends (21 copies) fit one launch.
+// Descriptors per launch. 32 descriptors of 64 bytes and 64 further destinations keep the parameter struct at
+// 2.5 KiB, under the 4 KiB kernel parameter limit of every CUDA 12+ target (its size costs no launch time:
+// benchmarks/RESULTS.md, issue 7); 3 NSA backends (21 copies) fit one launch unbroadcast, up to 10 draft backends
+// of one step broadcast (7 or 8 descriptors, the rest extra destinations).
 constexpr int kMaxCopies = 32;
+constexpr int kMaxExtra = 64;  // destinations beyond each descriptor's first, per launch (broadcast copies)
 constexpr int kThreads = 256;  // per block; 8 warps
-// Units per thread per tile (independent loads in flight per thread), a tuned parameter: 4 (16 KiB tiles of
-// 16-byte units) serves most batches; 1-2 spread a few MiB over more SMs, 8 halves the blocks of large copies.
 inline bool valid_unroll(int unroll) { return unroll == 1 || unroll == 2 || unroll == 4 || unroll == 8; }
 
 // One copy as the caller describes it, in bytes: `rows` rows of `row_bytes` contiguous bytes.
@@ -32,21 +33,28 @@ struct Copy {
   int64_t src_stride;  // load pieces between source rows
   int64_t dst_stride;  // units between destination rows
   int64_t tile_begin;  // first tile of this copy in the launch's flattened tile list
-  int32_t vec_log2;
-  int32_t load_log2;   // <= vec_log2
+  int16_t vec_log2;
+  int16_t load_log2;    // <= vec_log2
+  int16_t extra_begin;  // the same units are also stored at Params::extra[extra_begin, extra_begin + extra_count):
+  int16_t extra_count;  // a broadcast, several copies of one source read once (draft backends of one step)
 };
 
 struct Params {
   Copy c[kMaxCopies];
+  int64_t extra[kMaxExtra];  // further destination addresses, in the layout of their descriptor's dst
   int32_t count;
 };
 
-// Fill `p` from `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the grid).
+// Fill `p` from a prefix of `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the
+// grid) and sets `*planned` to the prefix's length (at least 1; the rest goes into another launch).
+// Copies of the same source bytes (address, rows, row length, source stride) into destinations of the same row
+// stride become one descriptor that stores each unit to every destination: the source is read once. Copies in
+// a batch never write where another reads or writes (the plan validated that), so their order is free.
 // A 2-D copy whose rows are less aligned on the source than on the destination is split into a body of whole
 // 16- or 8-byte destination units (loaded in pieces) and a narrow tail per row, while `p` has room.
-int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p);
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned);
 
-// Launch one chunk (at most kMaxCopies copies) planned with the same `unroll`. Returns the launch's cudaError_t.
+// Launch one chunk planned with the same `unroll`. Returns the launch's cudaError_t.
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream);
 
 }  // namespace copytune

@@ -9,7 +9,7 @@ namespace copytune {
 
 // T: the unit (one store); L: one load piece (T itself, or a narrower type when the source is less aligned).
 template <int kUnroll, typename T, typename L, bool kRows, typename Index>
-__device__ __forceinline__ void copy_tile(const Copy& c, Index start) {
+__device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, Index start) {
   constexpr int kPieces = sizeof(T) / sizeof(L);
   union Unit {
     T t;
@@ -44,10 +44,17 @@ __device__ __forceinline__ void copy_tile(const Copy& c, Index start) {
   for (int k = 0; k < kUnroll; ++k) {
     if (start + Index(k) * kThreads + threadIdx.x < n) dst[to[k]] = v[k].t;
   }
+  for (int e = 0; e < c.extra_count; ++e) {  // a broadcast: the units loaded once, stored to every destination
+    T* __restrict__ more = reinterpret_cast<T*>(extra[c.extra_begin + e]);
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      if (start + Index(k) * kThreads + threadIdx.x < n) more[to[k]] = v[k].t;
+    }
+  }
 }
 
 template <int kUnroll, typename T, typename L>
-__device__ __forceinline__ void copy_units(const Copy& c, int64_t start) {
+__device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, int64_t start) {
   // 32-bit index arithmetic when every index fits: 64-bit division is emulated and several times slower.
   constexpr int64_t kPieces = sizeof(T) / sizeof(L);
   const bool rows = c.cols != c.n;
@@ -56,10 +63,11 @@ __device__ __forceinline__ void copy_units(const Copy& c, int64_t start) {
   const int64_t dst_reach = rows ? row_count * c.dst_stride : c.n;
   if (c.n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX && c.src_stride <= INT32_MAX / 2 &&
       c.dst_stride <= INT32_MAX / 2) {
-    rows ? copy_tile<kUnroll, T, L, true, uint32_t>(c, uint32_t(start))
-         : copy_tile<kUnroll, T, L, false, uint32_t>(c, uint32_t(start));
+    rows ? copy_tile<kUnroll, T, L, true, uint32_t>(c, extra, uint32_t(start))
+         : copy_tile<kUnroll, T, L, false, uint32_t>(c, extra, uint32_t(start));
   } else {
-    rows ? copy_tile<kUnroll, T, L, true, int64_t>(c, start) : copy_tile<kUnroll, T, L, false, int64_t>(c, start);
+    rows ? copy_tile<kUnroll, T, L, true, int64_t>(c, extra, start)
+         : copy_tile<kUnroll, T, L, false, int64_t>(c, extra, start);
   }
 }
 
@@ -74,14 +82,14 @@ __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_con
   const Copy& c = p.c[lo];
   const int64_t start = (tile - c.tile_begin) * (int64_t(kThreads) * kUnroll);
   switch (c.vec_log2 * 8 + c.load_log2) {  // (unit, load piece); plan_launch only splits into these three
-    case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, start); break;
-    case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2>(c, start); break;
-    case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, start); break;
-    case 3 * 8 + 3: copy_units<kUnroll, uint2, uint2>(c, start); break;
-    case 3 * 8 + 2: copy_units<kUnroll, uint2, uint32_t>(c, start); break;
-    case 2 * 8 + 2: copy_units<kUnroll, uint32_t, uint32_t>(c, start); break;
-    case 1 * 8 + 1: copy_units<kUnroll, uint16_t, uint16_t>(c, start); break;
-    default: copy_units<kUnroll, uint8_t, uint8_t>(c, start); break;
+    case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, p.extra, start); break;
+    case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2>(c, p.extra, start); break;
+    case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, p.extra, start); break;
+    case 3 * 8 + 3: copy_units<kUnroll, uint2, uint2>(c, p.extra, start); break;
+    case 3 * 8 + 2: copy_units<kUnroll, uint2, uint32_t>(c, p.extra, start); break;
+    case 2 * 8 + 2: copy_units<kUnroll, uint32_t, uint32_t>(c, p.extra, start); break;
+    case 1 * 8 + 1: copy_units<kUnroll, uint16_t, uint16_t>(c, p.extra, start); break;
+    default: copy_units<kUnroll, uint8_t, uint8_t>(c, p.extra, start); break;
   }
 }
 
@@ -96,8 +104,9 @@ int widest_log2(uint64_t bits) {  // the widest of 16/8/4/2/1 bytes that divides
 void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* tiles, Copy* c) {
   c->src = r.src;
   c->dst = r.dst;
-  c->vec_log2 = vec;
-  c->load_log2 = load;
+  c->vec_log2 = static_cast<int16_t>(vec);
+  c->load_log2 = static_cast<int16_t>(load);
+  c->extra_begin = c->extra_count = 0;
   c->cols = r.row_bytes >> vec;
   c->n = r.rows * c->cols;
   c->src_stride = r.src_stride >> load;
@@ -107,41 +116,97 @@ void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* 
   *tiles += (c->n + tile_units - 1) / tile_units;
 }
 
+bool same_source(const RawCopy& a, const RawCopy& b) {  // one read serves both: a broadcast
+  return a.src == b.src && a.rows == b.rows && a.row_bytes == b.row_bytes && a.src_stride == b.src_stride &&
+         a.dst_stride == b.dst_stride;
+}
+
+uint64_t dst_bits(const RawCopy& r) { return uint64_t(r.dst) | (r.rows > 1 ? uint64_t(r.dst_stride) : 0); }
+
+// How a group of copies of one source is described: its store and load widths (log2), and the body's bytes per
+// row where it splits into a body of wide units loaded in pieces and a narrow tail (0: no split).
+struct Shape {
+  int both, store, load;
+  int64_t body;
+};
+
+Shape shape_of(const RawCopy& r, uint64_t dst) {
+  const uint64_t src = uint64_t(r.src) | (r.rows > 1 ? uint64_t(r.src_stride) : 0);
+  Shape s;
+  s.both = widest_log2(dst | src | uint64_t(r.row_bytes));
+  s.store = widest_log2(dst);
+  s.load = widest_log2(src);
+  // Split: destination units of 8 or 16 bytes loaded in 4- or 8-byte pieces, if wider than the common unit and
+  // at least one unit per row.
+  s.body = s.store > 2 && s.load >= 2 && s.load < s.store && s.store > s.both
+      ? r.row_bytes & ~((int64_t(1) << s.store) - 1) : 0;
+  return s;
+}
+
 }  // namespace
 
-int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p) {
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned) {
+  // Groups of copies of one source, first member first; as many copies as the descriptors and extra
+  // destinations hold unsplit (kMaxCopies groups; kMaxExtra members beyond the groups' first).
+  int leader[kMaxCopies], members[kMaxCopies], last[kMaxCopies];
+  int next[kMaxCopies + kMaxExtra];  // the group's next member after copy j, -1 at the end
+  uint64_t bits[kMaxCopies];
+  int groups = 0, extras = 0, j = 0;
+  for (; j < count; ++j) {
+    int g = 0;
+    while (g < groups && !same_source(raw[leader[g]], raw[j])) ++g;
+    if (g < groups ? extras == kMaxExtra : groups == kMaxCopies) break;  // so j < kMaxCopies + kMaxExtra
+    if (g == groups) {
+      leader[g] = last[g] = j;
+      members[g] = 1;
+      bits[g] = 0;
+      ++groups;
+    } else {
+      next[last[g]] = j;
+      last[g] = j;
+      ++members[g];
+      ++extras;
+    }
+    next[j] = -1;
+    bits[g] |= dst_bits(raw[j]);
+  }
+  *planned = j;
   const int64_t tile_units = int64_t(kThreads) * unroll;
   int64_t tiles = 0;
-  int e = 0;
-  for (int j = 0; j < count; ++j) {
-    const RawCopy& r = raw[j];
-    const uint64_t dst_bits = uint64_t(r.dst) | (r.rows > 1 ? uint64_t(r.dst_stride) : 0);
-    const uint64_t src_bits = uint64_t(r.src) | (r.rows > 1 ? uint64_t(r.src_stride) : 0);
-    const int both = widest_log2(dst_bits | src_bits | uint64_t(r.row_bytes));
-    const int store = widest_log2(dst_bits);
-    const int load = widest_log2(src_bits);
-    // Split: destination units of 8 or 16 bytes loaded in 4- or 8-byte pieces, if wider than the common unit,
-    // at least one unit per row, and room for the body and the tail in `p` (what remains stays unsplit).
-    const int64_t body = store > 2 && load >= 2 && load < store && store > both
-        ? r.row_bytes & ~((int64_t(1) << store) - 1) : 0;
-    const int64_t tail = r.row_bytes - body;
-    const int need = body > 0 ? (tail > 0 ? 2 : 1) : 1;
-    if (body > 0 && e + need + (count - j - 1) <= kMaxCopies) {
+  int e = 0, x = 0, extras_after = extras;
+  for (int g = 0; g < groups; ++g) {
+    const RawCopy& r = raw[leader[g]];
+    const Shape s = shape_of(r, bits[g]);
+    const int64_t tail = r.row_bytes - s.body;
+    const int need = s.body > 0 && tail > 0 ? 2 : 1;
+    extras_after -= members[g] - 1;
+    // split only while the groups after this one still fit unsplit (what remains stays unsplit)
+    const bool split = s.body > 0 && e + need + (groups - g - 1) <= kMaxCopies &&
+                       x + need * (members[g] - 1) + extras_after <= kMaxExtra;
+    const int first = e;
+    if (split) {
       RawCopy b = r;
-      b.row_bytes = body;
-      describe(b, store, load, tile_units, &tiles, &p->c[e++]);
+      b.row_bytes = s.body;
+      describe(b, s.store, s.load, tile_units, &tiles, &p->c[e++]);
       if (tail > 0) {
         RawCopy t = r;
-        t.src += body;
-        t.dst += body;
+        t.src += s.body;
+        t.dst += s.body;
         t.row_bytes = tail;
-        const uint64_t bits = uint64_t(t.src) | uint64_t(t.dst) | uint64_t(tail) |
-                              (t.rows > 1 ? uint64_t(t.src_stride) | uint64_t(t.dst_stride) : 0);
-        const int v = widest_log2(bits);
+        uint64_t tbits = uint64_t(t.src) | uint64_t(tail) |
+                         (t.rows > 1 ? uint64_t(t.src_stride) | uint64_t(t.dst_stride) : 0);
+        for (int m = leader[g]; m >= 0; m = next[m]) tbits |= uint64_t(raw[m].dst + s.body);
+        const int v = widest_log2(tbits);
         describe(t, v, v, tile_units, &tiles, &p->c[e++]);
       }
     } else {
-      describe(r, both, both, tile_units, &tiles, &p->c[e++]);
+      describe(r, s.both, s.both, tile_units, &tiles, &p->c[e++]);
+    }
+    for (int d = first; d < e; ++d) {  // every descriptor of the group stores to the other members too
+      Copy& c = p->c[d];
+      c.extra_begin = static_cast<int16_t>(x);
+      for (int m = next[leader[g]]; m >= 0; m = next[m]) p->extra[x++] = raw[m].dst + (c.dst - r.dst);
+      c.extra_count = static_cast<int16_t>(x - c.extra_begin);
     }
   }
   p->count = e;

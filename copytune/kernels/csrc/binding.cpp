@@ -39,9 +39,6 @@ class BoundBatch {
       }
       bound_ = raw_;
       index_destinations();
-      const size_t chunks = (raw_.size() + kMaxCopies - 1) / kMaxCopies;
-      params_.resize(chunks);
-      tiles_.resize(chunks);
       plan();
     } catch (const std::exception& e) {
       error_ = std::string("cuda_ext: ") + first_line(e.what());
@@ -177,7 +174,14 @@ class BoundBatch {
   std::string set_source_attrs(const std::vector<std::string>& paths) {
     if (paths.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " names";
     std::vector<std::vector<pybind11::object>> interned;
+    std::vector<std::string> distinct;
+    std::vector<size_t> source_of;
     for (const std::string& path : paths) {
+      // one read per distinct path: several draft backends copy the same source (N backends, one precomputed set)
+      const size_t j = std::find(distinct.begin(), distinct.end(), path) - distinct.begin();
+      source_of.push_back(j);
+      if (j < distinct.size()) continue;
+      distinct.push_back(path);
       std::vector<pybind11::object> parts;
       size_t start = 0;
       while (true) {
@@ -195,64 +199,121 @@ class BoundBatch {
       interned.push_back(std::move(parts));
     }
     attrs_ = std::move(interned);
-    paths_ = paths;
+    items_.clear();
+    paths_ = std::move(distinct);
+    source_of_ = std::move(source_of);
+    read_.assign(attrs_.size(), pybind11::object());
+    return "";
+  }
+
+  // The sources are items of one tuple or list (an engine kernel's positional arguments), one index per copy;
+  // run_attrs then reads each distinct index once.
+  std::string set_source_items(const std::vector<int64_t>& indices) {
+    if (indices.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " indices";
+    std::vector<int64_t> distinct;
+    std::vector<size_t> source_of;
+    for (int64_t index : indices) {
+      if (index < 0) return "cuda_ext: negative source index " + std::to_string(index);
+      const size_t j = std::find(distinct.begin(), distinct.end(), index) - distinct.begin();
+      if (j == distinct.size()) distinct.push_back(index);
+      source_of.push_back(j);
+    }
+    attrs_.clear();
+    paths_.clear();
+    for (int64_t index : distinct) paths_.push_back("[" + std::to_string(index) + "]");
+    items_ = std::move(distinct);
+    source_of_ = std::move(source_of);
+    read_.assign(items_.size(), pybind11::object());
     return "";
   }
 
   std::string run_attrs(pybind11::handle obj) {
     if (!error_.empty()) return error_;
-    if (attrs_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
+    if (source_of_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
+    std::string err;
     try {
-      pending_.resize(raw_.size());
-      for (size_t i = 0; i < raw_.size(); ++i) {
+      if (!items_.empty()) {
+        if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr())) {
+          return "cuda_ext: the sources must be a list or a tuple";
+        }
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj.ptr());
+        PyObject** items = PySequence_Fast_ITEMS(obj.ptr());
+        for (size_t j = 0; j < items_.size() && err.empty(); ++j) {
+          if (items_[j] >= n) {
+            err = "cuda_ext: the sources have no item " + std::to_string(items_[j]);
+          } else {
+            read_[j] = pybind11::reinterpret_borrow<pybind11::object>(items[items_[j]]);
+          }
+        }
+      }
+      for (size_t j = 0; j < attrs_.size() && err.empty(); ++j) {
         // each reference is owned by a pybind11::object, so every return path releases it
         pybind11::object t = pybind11::reinterpret_borrow<pybind11::object>(obj);
-        for (const pybind11::object& name : attrs_[i]) {
+        for (const pybind11::object& name : attrs_[j]) {
           PyObject* next = PyObject_GetAttr(t.ptr(), name.ptr());  // new reference
           if (next == nullptr) {
             PyErr_Clear();
-            return "cuda_ext: the sources have no attribute " + paths_[i];
+            err = "cuda_ext: the sources have no attribute " + paths_[j];
+            break;
           }
           t = pybind11::reinterpret_steal<pybind11::object>(next);
         }
-        if (!THPVariable_Check(t.ptr())) return "cuda_ext: source " + std::to_string(i) + " is not a tensor";
-        // the object keeps the tensor alive; only its address and geometry are read
-        std::string err = take_source(i, THPVariable_Unpack(t.ptr()), &pending_[i]);
-        if (!err.empty()) return err;
+        read_[j] = std::move(t);
+      }
+      pending_.resize(raw_.size());
+      for (size_t i = 0; i < raw_.size() && err.empty(); ++i) {
+        PyObject* t = read_[source_of_[i]].ptr();
+        if (!THPVariable_Check(t)) {
+          err = "cuda_ext: source " + std::to_string(i) + " is not a tensor";
+        } else {
+          // read_ keeps the tensor alive until the launch; only its address and geometry are read
+          err = take_source(i, THPVariable_Unpack(t), &pending_[i]);
+        }
       }
     } catch (const std::exception& e) {
       PyErr_Clear();
-      return std::string("cuda_ext: ") + first_line(e.what());
+      err = std::string("cuda_ext: ") + first_line(e.what());
     }
-    return commit_and_launch();
+    if (err.empty()) err = commit_and_launch();
+    for (pybind11::object& t : read_) t = pybind11::object();  // no step's sources outlive the call
+    return err;
   }
 
   std::vector<int64_t> vector_bytes() const {
     std::vector<int64_t> out;
-    for (size_t k = 0; k < params_.size(); ++k)
+    for (size_t k = 0; k < chunks_; ++k)
       for (int j = 0; j < params_[k].count; ++j) out.push_back(int64_t(1) << params_[k].c[j].vec_log2);
     return out;
   }
 
-  std::vector<int64_t> tiles() const { return tiles_; }
+  std::vector<int64_t> tiles() const { return {tiles_.begin(), tiles_.begin() + chunks_}; }
+
+  // Destinations per descriptor (1 + its broadcast extras), launch by launch: what the plan made of the batch.
+  std::vector<int64_t> destinations() const {
+    std::vector<int64_t> out;
+    for (size_t k = 0; k < chunks_; ++k)
+      for (int j = 0; j < params_[k].count; ++j) out.push_back(1 + params_[k].c[j].extra_count);
+    return out;
+  }
   int64_t unroll() const { return unroll_; }
 
  private:
   // What copy i reads once `t` is its source (its address plus the bound offset; its shape where followed), into
   // `out`; nothing of the batch changes until every source of a call passed (commit_and_launch).
   std::string take_source(size_t i, const at::Tensor& t, RawCopy* out) {
-    const std::string which = "cuda_ext: source " + std::to_string(i);
+    // the message's head only on a refusal: a string of this length is a heap allocation, per source per call
+    const auto which = [i] { return "cuda_ext: source " + std::to_string(i); };
     if (!t.is_cuda() || t.get_device() != device_) {
-      return which + " is on " + t.device().str() + "; the batch runs on cuda:" + std::to_string(device_);
+      return which() + " is on " + t.device().str() + "; the batch runs on cuda:" + std::to_string(device_);
     }
     const bool followed = !follow_.empty() && follow_[i].itemsize;
     if (!expect_.empty()) {
       const Expect& e = expect_[i];
       if (t.scalar_type() != e.dtype) {
-        return which + " is " + std::string(c10::toString(t.scalar_type())) + ", bound " + c10::toString(e.dtype);
+        return which() + " is " + std::string(c10::toString(t.scalar_type())) + ", bound " + c10::toString(e.dtype);
       }
       if (!followed && (t.sizes() != c10::IntArrayRef(e.sizes) || t.strides() != c10::IntArrayRef(e.strides))) {
-        return which + " has shape " + dims(t.sizes()) + " strides " + dims(t.strides()) + "; bound " +
+        return which() + " has shape " + dims(t.sizes()) + " strides " + dims(t.strides()) + "; bound " +
                dims(e.sizes) + " " + dims(e.strides);
       }
     }
@@ -260,12 +321,12 @@ class BoundBatch {
     out->src = reinterpret_cast<int64_t>(t.data_ptr()) + (offsets_.empty() ? 0 : offsets_[i]);
     if (!followed) return "";
     if (t.dim() != 2 || t.size(0) != raw_[i].rows) {
-      return which + " must be 2-D with " + std::to_string(raw_[i].rows) + " rows";
+      return which() + " must be 2-D with " + std::to_string(raw_[i].rows) + " rows";
     }
     const int64_t row_bytes = t.size(1) * follow_[i].itemsize;
     if (t.element_size() != follow_[i].itemsize || row_bytes > follow_[i].max_row_bytes ||
         (t.stride(1) != 1 && t.size(1) != 1)) {
-      return which + " has " + std::to_string(t.size(1)) + " columns; the destination rows hold " +
+      return which() + " has " + std::to_string(t.size(1)) + " columns; the destination rows hold " +
              std::to_string(follow_[i].max_row_bytes / follow_[i].itemsize);
     }
     out->row_bytes = row_bytes;
@@ -323,10 +384,22 @@ class BoundBatch {
     return s.substr(0, s.find('\n'));
   }
 
+  // The launches of raw_: as many copies per launch as one parameter struct holds (copies of one source count
+  // once, see plan_launch), in order. A call's sources may group differently from the last call's: the structs
+  // are kept and only grow, so a step allocates nothing once the batch has run.
   void plan() {
-    for (size_t k = 0; k < params_.size(); ++k) {
-      const int count = static_cast<int>(std::min<size_t>(kMaxCopies, raw_.size() - k * kMaxCopies));
-      tiles_[k] = plan_launch(raw_.data() + k * kMaxCopies, count, unroll_, &params_[k]);
+    size_t done = 0;
+    chunks_ = 0;
+    while (done < raw_.size()) {
+      if (chunks_ == params_.size()) {
+        params_.emplace_back();
+        tiles_.push_back(0);
+      }
+      int planned = 0;
+      const int count = static_cast<int>(std::min<size_t>(raw_.size() - done, 1 << 20));
+      tiles_[chunks_] = plan_launch(raw_.data() + done, count, unroll_, &params_[chunks_], &planned);
+      done += static_cast<size_t>(planned);
+      ++chunks_;
     }
   }
 
@@ -335,7 +408,7 @@ class BoundBatch {
       c10::cuda::OptionalCUDAGuard guard;
       if (c10::cuda::current_device() != device_) guard.set_index(device_);
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
-      for (size_t k = 0; k < params_.size(); ++k) {
+      for (size_t k = 0; k < chunks_; ++k) {
         const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], unroll_, stream);
         if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
       }
@@ -363,10 +436,14 @@ class BoundBatch {
   };
   std::vector<Expect> expect_;  // what every new source must look like (empty: unchecked, legacy callers)
   std::vector<RawCopy> pending_;  // a call's sources while they are checked
-  std::vector<std::vector<pybind11::object>> attrs_;  // interned attribute paths, one per copy (run_attrs)
+  std::vector<std::vector<pybind11::object>> attrs_;  // interned attribute paths, one per distinct source
   std::vector<std::string> paths_;                     // the same paths as given, for error messages
-  std::vector<Params> params_;
+  std::vector<int64_t> items_;                         // or distinct indices into one tuple or list
+  std::vector<size_t> source_of_;                      // copy i reads distinct source source_of_[i]
+  std::vector<pybind11::object> read_;                 // a call's distinct sources while they are checked
+  std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
   std::vector<int64_t> tiles_;
+  size_t chunks_ = 0;
 };
 
 // The unbound call at the floor: batched_copy(pairs) whose every pair has the addresses, dtype, device, sizes and
@@ -584,6 +661,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &copytune::BoundBatch::run)
       .def("run_sources", &copytune::BoundBatch::run_sources)
       .def("set_source_attrs", &copytune::BoundBatch::set_source_attrs)
+      .def("set_source_items", &copytune::BoundBatch::set_source_items)
       .def("run_attrs", &copytune::BoundBatch::run_attrs)
       .def("expect_sources", &copytune::BoundBatch::expect_sources)
       .def("set_source_offsets", &copytune::BoundBatch::set_source_offsets)
@@ -591,6 +669,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("follow_source_shape", &copytune::BoundBatch::follow_source_shape)
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles)
+      .def("destinations", &copytune::BoundBatch::destinations)
       .def("unroll", &copytune::BoundBatch::unroll)
       .def("fast", &copytune::fast::make);
   pybind11::class_<copytune::ExactCache>(m, "ExactCache")
