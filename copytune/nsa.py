@@ -213,9 +213,21 @@ def batched_copy_metadata(metadata, precomputed, forward_mode="decode", *,
 
 def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="decode", *,
                                 dispatcher: Dispatcher | None = None) -> None:
-    """Refresh several backends' buffers (one per draft step) from one precomputed set in one launch; the
-    engine's own fused kernel takes three backends and loops over the rest."""
-    _SITE.refresh(metadatas, tuple(map(id, metadatas)), precomputed, forward_mode, dispatcher)
+    """Refresh several backends' buffers (one per draft step) from one precomputed set in one launch, each
+    source read once for all of them; the engine's own fused kernel takes three backends and loops over the rest.
+    """
+    owner = tuple(map(id, metadatas))
+    run = _launcher(owner, precomputed, forward_mode, dispatcher)
+    if run is None or run(precomputed):  # not bound yet, or refused: CallSite.refresh binds, or raises the error
+        _SITE.refresh(metadatas, owner, precomputed, forward_mode, dispatcher)
+
+
+def _launcher(owner, precomputed, forward_mode, dispatcher):
+    """The bound C++ step for this key (CallSite.refresh's lookup, _precomputed_structure inlined), or None."""
+    binding = _SITE.bindings.get((owner, forward_mode, (
+        precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
+        precomputed.flashmla_metadata is None), dispatcher))
+    return None if binding is None else binding.from_object
 
 
 # -- examples -------------------------------------------------------------------------------------------------
@@ -378,7 +390,7 @@ def _patch_seam(cls, original):
     bindings, get_step = _SITE.bindings, _step.get
 
     def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
-        if get_step() is None:  # the key as CallSite.refresh builds it, _precomputed_structure inlined
+        if get_step() is None:  # _launcher inlined: this is the step's whole Python
             binding = bindings.get((id(metadata), forward_mode, (
                 precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
                 precomputed.flashmla_metadata is None), None))

@@ -88,6 +88,33 @@ def test_eager_ties_go_to_the_least_gpu_time(plan):
     assert tune(plan, "eager", pool=pool, timer=scripted_by_mode(eager, graph)).strategy == "a"  # CPU: off
 
 
+class Tiles(Fake):
+    """One strategy, several parameter sets (as cuda_ext's unrolls): the timer sees ``name:v``."""
+
+    def candidates(self, plan):
+        return [{"v": v} for v in (1, 2, 4)]
+
+    def bind(self, plan, params=None):
+        inner = super().bind(plan, params)
+
+        def launch(srcs=None):
+            inner(srcs)
+            LAST[-1] = f"{self.name}:{params['v']}"
+        return launch
+
+
+def test_one_strategys_parameter_sets_are_decided_by_gpu_time_beyond_the_tie_band(plan):
+    """Parameter sets of one strategy share its CPU path: wall times 30% apart (noise) do not hide the one of
+    least GPU time; another strategy as far behind is not re-timed."""
+    pool = {"tiles": Tiles("tiles"), "other": Fake("other"), "torch_per_copy": get_strategy("torch_per_copy")}
+    eager = {"tiles:1": 6.5, "tiles:2": 5.6, "tiles:4": 5.0, "other": 6.5, "torch_per_copy": 50.0}
+    graph = {"tiles:1": 2.0, "tiles:2": 2.4, "tiles:4": 3.5, "other": 1.0, "torch_per_copy": 9.0}
+    result = tune(plan, "eager", pool=pool, timer=scripted_by_mode(eager, graph), gpu_tie_break=True)
+    assert (result.strategy, result.params) == ("tiles", {"v": 1})
+    gpu = {(t.strategy, t.params.get("v")): t.gpu_us for t in result.timings}
+    assert gpu[("other", 1)] is None and gpu[("tiles", 4)] == 3.5
+
+
 @pytest.mark.parametrize("fake, reason", [
     (Fake("bad", wrong=True), "wrong bytes in pair"),
     (Fake("bad", raises="bind"), "compile failed"),
