@@ -11,6 +11,7 @@ can (``cuda_ext``: one C++ call per step).
 
 from __future__ import annotations
 
+import contextvars
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -41,6 +42,18 @@ CopyList = Callable[[Sequence[object], object, object], list[Copy]]  # (destinat
 
 class Unsupported(ValueError):
     """The call site cannot take this step; the caller hands it to the engine's own code."""
+
+
+class Structure(NamedTuple):
+    """What a copy list depends on besides the buffers, read off the step's source object: attributes whose int
+    ``values`` it depends on, and attributes whose presence (not None) it depends on. Called on a source it is
+    the lookup key's part; as data it lets a strategy check it in C++ (``CallSite.step``)."""
+
+    values: tuple[str, ...] = ()
+    present: tuple[str, ...] = ()
+
+    def __call__(self, source) -> tuple:
+        return tuple(getattr(source, a) for a in self.values) + tuple(getattr(source, a) is None for a in self.present)
 
 
 class _Binding:
@@ -128,15 +141,41 @@ def distinct_copies(copies: list[Copy]) -> list[Copy]:
 class CallSite:
     """The bindings of one call site. ``copies`` builds the copy list (cold path only); ``structure(source)``
     returns what, besides the destination objects and the page tables' widths, the copy list depends on (sizes,
-    optional parts present): it is part of every lookup, so keep it a few attribute reads."""
+    optional parts present): it is part of every lookup, so keep it a few attribute reads — a ``Structure`` lets
+    ``step`` check it in C++.
 
-    def __init__(self, name: str, copies: CopyList, structure: Callable[[object], tuple]):
-        self.name, self.copies, self.structure = name, copies, structure
+    ``step(owner_object, source, mode)`` is an engine seam's common step: True when it launched the refresh
+    bound for (that one destination object, mode, source structure) with the default dispatcher; False when the
+    caller must take the step (``refresh``: bind, raise, or hand it to the engine) — also while ``step_var`` (a
+    ContextVar) holds anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is
+    one C call: lookup, structure check, source reads and checks, launch."""
+
+    def __init__(self, name: str, copies: CopyList, structure: Callable[[object], tuple], *,
+                 step_var: contextvars.ContextVar | None = None):
+        self.name, self.copies, self.structure, self.step_var = name, copies, structure, step_var
         self.bindings: dict[tuple, _Binding] = {}
         self._owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
         self._pinned: dict[object, list] = {}  # destination objects that cannot be weakly referenced, kept alive
         self.refused: dict[tuple, str] = {}  # structures the copy list refused (Unsupported): not rebuilt each step
         self._listening: weakref.WeakSet = weakref.WeakSet()  # dispatchers that tell this site of new winners
+        self.table = None  # the winner strategy's seam table, made with the first binding that has one
+        self.step = self._step
+        self._served = 0  # steps served by the Python step (the table counts its own)
+
+    def _step(self, owner_object, source, mode) -> bool:
+        """``step`` without a seam table (the same lookup as ``refresh``)."""
+        if self.step_var is not None and self.step_var.get() is not None:
+            return False
+        binding = self.bindings.get((id(owner_object), mode, self.structure(source), None))
+        run = None if binding is None else binding.from_object
+        if run is None or run(source):
+            return False
+        self._served += 1
+        return True
+
+    def served(self) -> int:
+        """Steps ``step`` launched."""
+        return self._served + (self.table.served() if self.table is not None else 0)
 
     def refresh(self, targets: Sequence[object], owner, source, mode, dispatcher: Dispatcher | None = None) -> None:
         """Copy ``source`` into every object of ``targets`` as the copy list says, in one tuned launch.
@@ -193,12 +232,14 @@ class CallSite:
             keys.remove(key)
         if len(keys) >= BINDINGS_PER_OWNER:
             old = keys.pop(0)
-            self.bindings.pop(old, None)
+            self._drop(old)
             self.refused.pop(old, None)
         self.bindings[key] = entry
         keys.append(key)
         if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
-            self.bindings.pop(key, None)  # this step runs it; the next binds again
+            self._drop(key)  # this step runs it; the next binds again
+        elif key[3] is None and len(targets) == 1:
+            self._offer(targets[0], mode, source, entry)
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")
 
@@ -214,17 +255,36 @@ class CallSite:
                     self._pinned.setdefault(owner, []).append(t)
         return keys
 
+    def _offer(self, owner_object, mode, source, entry: _Binding) -> None:
+        """Put a default-dispatcher binding of one destination object into the seam table, where it can go."""
+        if entry.from_object is None or not isinstance(self.structure, Structure):
+            return
+        if self.table is None:
+            self.table = entry.bound.seam_table(self.step_var, self.structure.values, self.structure.present)
+            if self.table is None:
+                return
+            fast = self.table.fast_run()
+            if fast is not None:
+                self.step = fast
+        self.table.put(owner_object, mode, source, entry.from_object)  # "" or why not: then _step serves it
+
+    def _drop(self, key) -> None:
+        """Forget one binding, in the seam table too."""
+        binding = self.bindings.pop(key, None)
+        if binding is not None and self.table is not None and binding.from_object is not None:
+            self.table.drop(binding.from_object)
+
     def _adopted(self, key: str) -> None:
         """A dispatcher adopted a new winner for ``key`` (on its tuning thread): bindings of the old choice go, and
         their next step binds the winner. Popping one dict entry at a time is atomic for the serving thread's
-        lookups: a step sees the old binding or none."""
+        lookups: a step sees the old binding or none (the seam table's calls hold the GIL)."""
         for k, binding in list(self.bindings.items()):
             if binding.key == key:
-                self.bindings.pop(k, None)
+                self._drop(k)
 
     def forget(self, owner) -> None:
         """Drop every binding of ``owner`` (called when one of its destination objects is freed)."""
         for key in self._owned.pop(owner, ()):
-            self.bindings.pop(key, None)
+            self._drop(key)
             self.refused.pop(key, None)
         self._pinned.pop(owner, None)

@@ -519,6 +519,10 @@ class BoundCopy:
         (raise it) or a falsy value."""
         return None if self.checked else self._launch.attribute_launcher(list(names))
 
+    def seam_table(self, step_var, values: Sequence[str], present: Sequence[str]):
+        """The strategy's table for a call site's seam (``BoundLaunch.seam_table``), or None."""
+        return self._launch.seam_table(step_var, values, present)
+
     def resize_copy(self, i: int, rows: int, row_bytes: int, src_row_stride: int) -> bool:
         """Let copy ``i`` move ``rows`` rows of ``row_bytes`` bytes from now on, its sources' rows
         ``src_row_stride`` bytes apart, into the same destination rows (an NSA page table gaining a column each

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from copytune.callsite import CallSite, Copy, Unsupported, distinct_copies
+from copytune.callsite import CallSite, Copy, Structure, Unsupported, distinct_copies
 from copytune.dispatch import Dispatcher, default_dispatcher
 from copytune.log import logger as log
 from copytune.log import warn_once
@@ -160,10 +160,10 @@ def _from_precomputed(metadatas: Sequence, pre, forward_mode) -> list[Copy]:
                                                       pre.max_seqlen_k, pre.page_indices.shape[0])]
 
 
-def _precomputed_structure(pre) -> tuple:
-    """What the copy list depends on besides the buffers. Shapes are not keyed: every launch checks each source's
-    geometry against the bound one (in C++ for cuda_ext, in Python otherwise), and the sizes follow from them."""
-    return pre.seqlens_expanded_size, pre.real_page_table is None, pre.flashmla_metadata is None
+# What the copy list depends on besides the buffers: (seqlens_expanded_size, real_page_table is None,
+# flashmla_metadata is None). Shapes are not keyed: every launch checks each source's geometry against the bound one
+# (in C++ for cuda_ext, in Python otherwise), and the sizes follow from them.
+PRECOMPUTED_STRUCTURE = Structure(values=("seqlens_expanded_size",), present=("real_page_table", "flashmla_metadata"))
 
 
 # The engine's multi-backend kernel takes 8 sources, 3 × 8 destinations, then bs, max_len, seqlens_expanded_size.
@@ -186,7 +186,9 @@ def _multi_structure(args: tuple) -> tuple:
     return args[MULTI_ARGS - 1], args[5] is None, args[7] is None
 
 
-_SITE = CallSite("metadata refresh", _from_precomputed, _precomputed_structure)
+# a multi-step replay in flight (see _Step): the seam's step then goes to _serve
+_step: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("copytune_dsa_step", default=None)
+_SITE = CallSite("metadata refresh", _from_precomputed, PRECOMPUTED_STRUCTURE, step_var=_step)
 _MULTI_SITE = CallSite("multi-backend metadata refresh", _from_multi_args, _multi_structure)
 
 
@@ -223,7 +225,7 @@ def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="
 
 
 def _launcher(owner, precomputed, forward_mode, dispatcher):
-    """The bound C++ step for this key (CallSite.refresh's lookup, _precomputed_structure inlined), or None."""
+    """The bound C++ step for this key (CallSite.refresh's lookup, PRECOMPUTED_STRUCTURE inlined), or None."""
     binding = _SITE.bindings.get((owner, forward_mode, (
         precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
         precomputed.flashmla_metadata is None), dispatcher))
@@ -310,9 +312,13 @@ class Stats:
     """Per-process counters: refreshes copytune served (``batched``: covered by an earlier launch of the same
     multi-backend step), and refreshes handed to the engine's own code, by reason."""
 
-    served: int = 0
+    counted: int = 0  # refreshes served by the Python paths (the seam's common step counts in _SITE.served())
     batched: int = 0
     handed: Counter = field(default_factory=Counter)
+
+    @property
+    def served(self) -> int:
+        return self.counted + _SITE.served()
 
     def line(self) -> str:
         handed = ", ".join(f"{n} {why}" for why, n in self.handed.most_common()) or "none"
@@ -345,9 +351,6 @@ class _Step:
         self.source, self.done = source_tensor, tuple(map(id, metadatas))
 
 
-_step: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("copytune_dsa_step", default=None)
-
-
 def _hand(reason: str, exc: BaseException | None = None) -> None:
     if not STATS.handed[reason]:
         log.warning("copytune: handing %s to the engine's own copies (%s)", "refreshes" if exc is None else
@@ -375,7 +378,7 @@ def _serve(metadata, bs, precomputed, forward_mode) -> bool:
     if not STATS.served:
         log.info("copytune: first metadata refresh served (%s, %s)", type(metadata).__name__,
                  forward_mode_name(forward_mode))
-    STATS.served += 1
+    STATS.counted += 1
     return True
 
 
@@ -387,17 +390,11 @@ def _patch_seam(cls, original):
     flight, structure bound before — is one lookup and one C++ call; anything else takes ``_serve``."""
     if tuple(inspect.signature(original).parameters) != SEAM_PARAMETERS:
         raise Unsupported(f"{cls.__name__}.{SEAM_METHOD}{inspect.signature(original)} is not the known seam")
-    bindings, get_step = _SITE.bindings, _step.get
+    site = _SITE
 
     def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
-        if get_step() is None:  # _launcher inlined: this is the step's whole Python
-            binding = bindings.get((id(metadata), forward_mode, (
-                precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
-                precomputed.flashmla_metadata is None), None))
-            run = None if binding is None else binding.from_object
-            if run is not None and not run(precomputed):
-                STATS.served += 1
-                return None
+        if site.step(metadata, precomputed, forward_mode):  # one C call where the winner is cuda_ext
+            return None
         if not _serve(metadata, bs, precomputed, forward_mode):
             return original(self, bs, metadata, precomputed, forward_mode)
         return None
@@ -451,7 +448,7 @@ def _patch_multi_kernel(_module, original):
             _hand(str(exc).split("\n")[0] if isinstance(exc, Unsupported) else type(exc).__name__, exc)
             return original(*args, **kwargs)
         step.mark(args[0], targets)
-        STATS.served += 1
+        STATS.counted += 1
         return None
     return fused_metadata_copy_multi_cuda
 

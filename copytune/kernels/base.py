@@ -88,6 +88,11 @@ class BoundLaunch:
         Python frames; None where the strategy cannot (the caller reads them)."""
         return None
 
+    def seam_table(self, step_var, values: Sequence[str], present: Sequence[str]):
+        """A table of bound steps for one call site's engine seam, looked up and launched in one call of the
+        strategy's own code (``CallSite`` documents it); None where the strategy has none."""
+        return None
+
 
 class Refusal(str):
     """A fast launcher's message that keeps the kind of error it stands for (``launch_error`` raises it)."""

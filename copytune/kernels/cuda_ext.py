@@ -252,7 +252,8 @@ class BoundCuda(BoundLaunch):
     def attribute_launcher(self, names: list[str] | list[int]):
         """A callable taking one object whose attributes ``names`` (one per copy; or int indices into it, a tuple
         or list) are the new sources, read in C++, each distinct one once; it returns an error message or ""
-        (no Python frame, no tuple of tensors per call)."""
+        (no Python frame, no tuple of tensors per call). The batch reads its sources the way last asked: one
+        launcher per launch."""
         names = names if self.live is None else [names[i] for i in self.live]
         if all(isinstance(n, int) for n in names):
             err = self.batch.set_source_items(names)
@@ -267,6 +268,10 @@ class BoundCuda(BoundLaunch):
             return fast
         run = self.batch.run_attrs
         return lambda obj: run(obj) or None
+
+    def seam_table(self, step_var, values, present):
+        """The C++ SeamTable (binding.cpp): entries are this module's run_attrs entry points."""
+        return self.module.SeamTable(step_var, list(values), list(present))
 
     def expect_sources(self, samples: list) -> bool:
         """Every later source must have its sample's device, dtype, shape and strides (a followed page table: 2-D,

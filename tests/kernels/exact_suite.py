@@ -80,6 +80,30 @@ def test_the_launch_contract(strategy_name, device):
         _sync(device)
         assert all(torch.equal(s, d) for s, d in zip(again, dsts))
         assert isinstance(by_name(SimpleNamespace(a=again[0])), str)
+        by_index = launch.attribute_launcher([1, 0])  # the same sources as items of a tuple
+        if by_index is not None:
+            more = [random_fill(torch.empty_like(s)) for s in srcs]
+            assert by_index((more[1], more[0])) is None
+            _sync(device)
+            assert all(torch.equal(s, d) for s, d in zip(more, dsts))
+            assert isinstance(by_index((more[1],)), str)
+        table = launch.seam_table(None, ["size"], ["extra"])
+        if table is not None:  # an engine seam's step: (owner, source, mode) launches what was put for them
+            by_name = launch.attribute_launcher(["a", "b"])  # a launch reads its sources one way: the last asked
+            owner, step = SimpleNamespace(), table.fast_run()
+            assert table.put(owner, "decode", SimpleNamespace(size=2, extra=None), by_name) == ""
+            last = [random_fill(torch.empty_like(s)) for s in srcs]
+            assert step(owner, SimpleNamespace(a=last[0], b=last[1], size=2, extra=None), "decode") is True
+            _sync(device)
+            assert all(torch.equal(s, d) for s, d in zip(last, dsts))
+            assert step(owner, SimpleNamespace(a=last[0], b=last[1], size=3, extra=None), "decode") is False
+            assert step(owner, SimpleNamespace(a=last[0], b=last[1], size=2, extra=1), "decode") is False
+            assert step(SimpleNamespace(), SimpleNamespace(a=last[0], b=last[1], size=2, extra=None), "decode") is False
+            assert step(owner, SimpleNamespace(a=last[0], size=2, extra=None), "decode") is False  # refused source
+            assert table.served() == 1
+            table.drop(by_name)
+            assert table.size() == 0 and step(owner, SimpleNamespace(a=last[0], b=last[1], size=2, extra=None),
+                                              "decode") is False
 
 
 def _sync(device):

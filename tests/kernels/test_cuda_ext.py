@@ -233,6 +233,14 @@ def test_one_source_into_several_destinations_is_read_once_and_exact(built, unro
         assert all(torch.equal(a[3:], fresh.a) and torch.equal(t[:, :cols], fresh.t) for a, t in bufs)
         assert all(torch.equal(a[:3], wa[:3]) and torch.equal(t[:, cols:], wt[:, cols:])
                    for (a, t), (wa, wt) in zip(bufs, want))
+        # the bound plan read one source for all; now each backend has its own (a moved group is planned again)
+        own = [random_fill(torch.empty(37, dtype=torch.int32, device=dev)) for _ in range(backends)]
+        launch([x for b in range(backends) for x in (own[b], fresh.t)])
+        torch.cuda.synchronize()
+        assert all(torch.equal(a[3:], o) and torch.equal(t[:, :cols], fresh.t) for (a, t), o in zip(bufs, own))
+        assert not run(src)  # and back to one source, moved with the same alignment: the addresses follow
+        torch.cuda.synchronize()
+        assert all(torch.equal(a[3:], src.a) and torch.equal(t[:, :cols], src.t) for a, t in bufs)
 
 
 @pytest.mark.cuda

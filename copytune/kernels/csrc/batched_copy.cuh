@@ -52,7 +52,11 @@ struct Params {
 // a batch never write where another reads or writes (the plan validated that), so their order is free.
 // A 2-D copy whose rows are less aligned on the source than on the destination is split into a body of whole
 // 16- or 8-byte destination units (loaded in pieces) and a narrow tail per row, while `p` has room.
-int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned);
+// `leaders` (optional, room for kMaxCopies + kMaxExtra): for each planned copy, the index of its group's first
+// copy, whose source every descriptor of the group reads; `desc_leaders` (optional, kMaxCopies): the same per
+// descriptor. With them a caller can move sources without planning again (BoundBatch::commit_and_launch).
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned, int* leaders = nullptr,
+                    int* desc_leaders = nullptr);
 
 // Launch one chunk planned with the same `unroll`. Returns the launch's cudaError_t.
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream);

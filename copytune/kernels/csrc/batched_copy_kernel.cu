@@ -145,7 +145,8 @@ Shape shape_of(const RawCopy& r, uint64_t dst) {
 
 }  // namespace
 
-int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned) {
+int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned, int* leaders,
+                    int* desc_leaders) {
   // Groups of copies of one source, first member first; as many copies as the descriptors and extra
   // destinations hold unsplit (kMaxCopies groups; kMaxExtra members beyond the groups' first).
   int leader[kMaxCopies], members[kMaxCopies], last[kMaxCopies];
@@ -169,6 +170,7 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
     }
     next[j] = -1;
     bits[g] |= dst_bits(raw[j]);
+    if (leaders != nullptr) leaders[j] = leader[g];
   }
   *planned = j;
   const int64_t tile_units = int64_t(kThreads) * unroll;
@@ -204,6 +206,7 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
     }
     for (int d = first; d < e; ++d) {  // every descriptor of the group stores to the other members too
       Copy& c = p->c[d];
+      if (desc_leaders != nullptr) desc_leaders[d] = leader[g];
       c.extra_begin = static_cast<int16_t>(x);
       for (int m = next[leader[g]]; m >= 0; m = next[m]) p->extra[x++] = raw[m].dst + (c.dst - r.dst);
       c.extra_count = static_cast<int16_t>(x - c.extra_begin);

@@ -335,10 +335,33 @@ class BoundBatch {
   }
 
   std::string commit_and_launch() {
+    const bool moved_only = sources_moved_only();
     raw_.swap(pending_);  // all sources passed: take them together (no allocation: the buffers trade places)
     rebound_ = true;      // for this call only: run() goes back to bound_
-    plan();  // alignment may differ: vector widths and tiles are recomputed (a few ns per copy)
+    if (moved_only) {
+      for (size_t k = 0; k < chunks_; ++k) {  // the plan stands: each descriptor reads its leader's new source
+        Chunk& m = map_[k];
+        for (int d = 0; d < params_[k].count; ++d) params_[k].c[d].src = raw_[m.desc_leader[d]].src + m.src_offset[d];
+      }
+    } else {
+      plan();  // widths, splits or groups may differ: planned again (grouping is O(copies x groups))
+    }
     return launch();
+  }
+
+  // Whether pending_ differs from raw_ only in source addresses that keep the plan: the same shapes, the same
+  // alignment (mod 16 bytes, the widest unit), and every group's members moved together (still one source).
+  bool sources_moved_only() const {
+    if (group_leader_.size() != raw_.size()) return false;
+    for (size_t i = 0; i < raw_.size(); ++i) {
+      const RawCopy &a = pending_[i], &b = raw_[i];
+      if (a.rows != b.rows || a.row_bytes != b.row_bytes || a.src_stride != b.src_stride || ((a.src ^ b.src) & 15)) {
+        return false;
+      }
+      const size_t l = group_leader_[i];
+      if (pending_[l].src - raw_[l].src != a.src - b.src) return false;
+    }
+    return true;
   }
 
   // "[a, b]" by hand: c10::str (an ostringstream across the libtorch boundary) crashed this module on the H200
@@ -390,14 +413,24 @@ class BoundBatch {
   void plan() {
     size_t done = 0;
     chunks_ = 0;
+    group_leader_.resize(raw_.size());
     while (done < raw_.size()) {
       if (chunks_ == params_.size()) {
         params_.emplace_back();
         tiles_.push_back(0);
+        map_.emplace_back();
       }
       int planned = 0;
+      int leaders[kMaxCopies + kMaxExtra];
+      Chunk& m = map_[chunks_];
       const int count = static_cast<int>(std::min<size_t>(raw_.size() - done, 1 << 20));
-      tiles_[chunks_] = plan_launch(raw_.data() + done, count, unroll_, &params_[chunks_], &planned);
+      tiles_[chunks_] = plan_launch(raw_.data() + done, count, unroll_, &params_[chunks_], &planned, leaders,
+                                    m.desc_leader);
+      for (int j = 0; j < planned; ++j) group_leader_[done + j] = done + leaders[j];
+      for (int d = 0; d < params_[chunks_].count; ++d) {
+        m.desc_leader[d] += static_cast<int>(done);
+        m.src_offset[d] = params_[chunks_].c[d].src - raw_[m.desc_leader[d]].src;  // a tail's: its body's bytes
+      }
       done += static_cast<size_t>(planned);
       ++chunks_;
     }
@@ -444,6 +477,12 @@ class BoundBatch {
   std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
   std::vector<int64_t> tiles_;
   size_t chunks_ = 0;
+  struct Chunk {  // where each descriptor's source comes from: raw_[desc_leader].src + src_offset
+    int desc_leader[kMaxCopies];
+    int64_t src_offset[kMaxCopies];
+  };
+  std::vector<Chunk> map_;            // one per launch, beside params_
+  std::vector<size_t> group_leader_;  // raw copy i reads the source of raw copy group_leader_[i] (plan())
 };
 
 // The unbound call at the floor: batched_copy(pairs) whose every pair has the addresses, dtype, device, sizes and
@@ -531,6 +570,154 @@ class ExactCache {
   size_t capacity_;
   std::vector<int64_t> key_;  // reused by run(): no allocation per call once grown
   std::unordered_map<std::vector<int64_t>, Entry, Hash> map_;
+};
+
+// An engine seam's common step in one C call: the call site's bindings of the default dispatcher, keyed by the
+// destination object and the mode as the engine passes them, with the structure the copy list depends on (int
+// attribute values, attributes present or None) read off the step's source object and compared here. A hit
+// launches the bound batch (run_attrs: every source checked); anything else - a multi-step replay in flight
+// (step_var set), another structure, an owner or mode never bound, a refused source - answers False, and the
+// Python call site takes the step (binds, raises, or hands it to the engine).
+class SeamTable {
+ public:
+  SeamTable(pybind11::object step_var, const std::vector<std::string>& values, const std::vector<std::string>& present)
+      : step_var_(step_var) {
+    for (const auto* names : {&values, &present}) {
+      for (const std::string& name : *names) {
+        PyObject* s = PyUnicode_InternFromString(name.c_str());
+        if (s == nullptr) {  // never throws (see BoundBatch): the table then serves nothing
+          PyErr_Clear();
+          error_ = "cuda_ext: bad attribute name '" + name + "'";
+          return;
+        }
+        guards_.push_back(pybind11::reinterpret_steal<pybind11::object>(s));
+      }
+    }
+    n_values_ = values.size();
+  }
+
+  // Serve (owner, mode, the structure of `source`) by `launcher` (a batch's run_attrs entry point) from now on;
+  // "" or why not (nothing changes then). The owner is held weakly where it can be: its address is only a key.
+  std::string put(pybind11::handle owner, pybind11::object mode, pybind11::handle source, pybind11::object launcher) {
+    if (!error_.empty()) return error_;
+    BoundBatch* batch = batch_of(launcher.ptr());
+    if (batch == nullptr) return "cuda_ext: not a run_attrs entry point";
+    std::vector<int64_t> structure;
+    if (!read_structure(source.ptr(), &structure)) return "cuda_ext: the structure is not int values and Nones";
+    Entry e{pybind11::none(), pybind11::none(), mode, std::move(structure), batch, launcher};
+    PyObject* ref = PyWeakref_NewRef(owner.ptr(), nullptr);
+    if (ref != nullptr) {
+      e.weak = pybind11::reinterpret_steal<pybind11::object>(ref);
+    } else {
+      PyErr_Clear();
+      e.strong = pybind11::reinterpret_borrow<pybind11::object>(owner);  // not weak-referenceable: kept alive
+    }
+    auto& entries = by_owner_[reinterpret_cast<uintptr_t>(owner.ptr())];
+    for (Entry& old : entries) {
+      if (old.mode.ptr() == mode.ptr() && old.structure == e.structure) {
+        old = std::move(e);
+        return "";
+      }
+    }
+    entries.push_back(std::move(e));
+    return "";
+  }
+
+  // Forget every entry launching through `launcher` (its binding was dropped: a new winner, a freed owner).
+  void drop(pybind11::handle launcher) {
+    for (auto it = by_owner_.begin(); it != by_owner_.end();) {
+      auto& v = it->second;
+      v.erase(std::remove_if(v.begin(), v.end(), [&](const Entry& e) { return e.launcher.ptr() == launcher.ptr(); }),
+              v.end());
+      it = v.empty() ? by_owner_.erase(it) : std::next(it);
+    }
+  }
+
+  void clear() { by_owner_.clear(); }
+  int64_t size() const {
+    int64_t n = 0;
+    for (const auto& kv : by_owner_) n += static_cast<int64_t>(kv.second.size());
+    return n;
+  }
+  int64_t served() const { return served_; }
+
+  // (owner, source, mode) -> True: launched; False: the caller takes the step. Never raises.
+  PyObject* run(PyObject* const* args, Py_ssize_t nargs) {
+    if (nargs != 3 || by_owner_.empty() || !error_.empty()) Py_RETURN_FALSE;
+    PyObject *owner = args[0], *source = args[1], *mode = args[2];
+    if (!step_var_.is_none()) {
+      PyObject* step = nullptr;
+      if (PyContextVar_Get(step_var_.ptr(), Py_None, &step) < 0) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+      }
+      const bool busy = step != Py_None;
+      Py_XDECREF(step);
+      if (busy) Py_RETURN_FALSE;
+    }
+    // attribute reads may run Python (properties): the structure is read before the table is looked at, and
+    // the entry found is held (launcher) rather than iterated while its batch launches
+    if (!read_structure(source, &structure_)) Py_RETURN_FALSE;
+    auto it = by_owner_.find(reinterpret_cast<uintptr_t>(owner));
+    if (it == by_owner_.end()) Py_RETURN_FALSE;
+    BoundBatch* hit = nullptr;
+    pybind11::object keep;
+    for (const Entry& e : it->second) {
+      if (e.mode.ptr() != mode || e.structure != structure_) continue;
+      // the address is the owner's only while the owner lives: a freed owner's address may be another object's
+      if (e.weak.is_none() ? e.strong.ptr() != owner : PyWeakref_GetObject(e.weak.ptr()) != owner) continue;
+      hit = e.batch;
+      keep = e.launcher;
+      break;
+    }
+    if (hit == nullptr || !hit->run_attrs(pybind11::handle(source)).empty()) Py_RETURN_FALSE;
+    ++served_;
+    Py_RETURN_TRUE;
+  }
+
+ private:
+  struct Entry {
+    pybind11::object weak, strong;  // the owner: a weak reference, or the owner itself where it has none
+    pybind11::object mode;          // compared by identity (the engine's enum members are singletons)
+    std::vector<int64_t> structure;
+    BoundBatch* batch;
+    pybind11::object launcher;      // keeps `batch` alive
+  };
+
+  static BoundBatch* batch_of(PyObject* launcher);
+
+  // The values of the guard attributes: ints as they are (values), None-ness as 0/1 (present); False where an
+  // attribute is missing or a value is not an int (such a structure is never served here).
+  bool read_structure(PyObject* source, std::vector<int64_t>* out) const {
+    out->resize(guards_.size());
+    for (size_t g = 0; g < guards_.size(); ++g) {
+      PyObject* v = PyObject_GetAttr(source, guards_[g].ptr());
+      if (v == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      bool ok = true;
+      if (g < n_values_) {
+        int overflow = 0;
+        (*out)[g] = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+        ok = PyLong_Check(v) && !overflow && !PyErr_Occurred();
+        PyErr_Clear();
+      } else {
+        (*out)[g] = v == Py_None;
+      }
+      Py_DECREF(v);
+      if (!ok) return false;
+    }
+    return true;
+  }
+
+  pybind11::object step_var_;
+  std::string error_;
+  std::vector<pybind11::object> guards_;  // interned attribute names: values first, then present
+  size_t n_values_ = 0;
+  std::unordered_map<uintptr_t, std::vector<Entry>> by_owner_;
+  std::vector<int64_t> structure_;  // reused by run(): no allocation per call once grown
+  int64_t served_ = 0;
 };
 
 // Per-step entry points as plain CPython functions (METH_O, bound to a capsule holding the batch): a pybind11
@@ -650,7 +837,48 @@ pybind11::object make_cache_run(pybind11::object self) {
   return pybind11::reinterpret_steal<pybind11::object>(fn);
 }
 
+PyObject* seam_run(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  auto* table = static_cast<SeamTable*>(PyCapsule_GetPointer(capsule, "copytune.SeamTable"));
+  return table == nullptr ? nullptr : table->run(args, nargs);
+}
+
+PyMethodDef kSeamRun = {"run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(seam_run)), METH_FASTCALL,
+                        "(owner, source, mode): True when the bound step launched, else False."};
+
+void release_seam(PyObject* capsule) {
+  auto* owner = static_cast<PyObject*>(PyCapsule_GetContext(capsule));
+  Py_XDECREF(owner);
+}
+
+// The table's run() as a METH_FASTCALL function (what the engine seam calls first); None where it cannot be made.
+pybind11::object make_seam_run(pybind11::object self) {
+  SeamTable* table = pybind11::isinstance<SeamTable>(self) ? self.cast<SeamTable*>() : nullptr;
+  if (table == nullptr) return pybind11::none();
+  PyObject* capsule = PyCapsule_New(table, "copytune.SeamTable", release_seam);
+  if (capsule == nullptr || PyCapsule_SetContext(capsule, self.ptr()) != 0) {
+    PyErr_Clear();
+    Py_XDECREF(capsule);
+    return pybind11::none();
+  }
+  Py_INCREF(self.ptr());  // released with the capsule
+  PyObject* fn = PyCFunction_New(&kSeamRun, capsule);
+  Py_DECREF(capsule);
+  if (fn == nullptr) {
+    PyErr_Clear();
+    return pybind11::none();
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(fn);
+}
+
 }  // namespace fast
+
+BoundBatch* SeamTable::batch_of(PyObject* launcher) {
+  if (!PyCFunction_Check(launcher) || PyCFunction_GET_FUNCTION(launcher) != reinterpret_cast<PyCFunction>(fast::run_attrs)) {
+    return nullptr;
+  }
+  return fast::batch_of(PyCFunction_GET_SELF(launcher));
+}
+
 }  // namespace copytune
 
 
@@ -678,6 +906,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("clear", &copytune::ExactCache::clear)
       .def("size", &copytune::ExactCache::size)
       .def("fast_run", &copytune::fast::make_cache_run);
+  pybind11::class_<copytune::SeamTable>(m, "SeamTable")
+      .def(pybind11::init<pybind11::object, const std::vector<std::string>&, const std::vector<std::string>&>())
+      .def("put", &copytune::SeamTable::put)
+      .def("drop", &copytune::SeamTable::drop)
+      .def("clear", &copytune::SeamTable::clear)
+      .def("size", &copytune::SeamTable::size)
+      .def("served", &copytune::SeamTable::served)
+      .def("fast_run", &copytune::fast::make_seam_run);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
   m.attr("MAYBE_OVERLAP") = copytune::kMaybeOverlap;
 }

@@ -1,0 +1,187 @@
+"""CallSite.step, an engine seam's common step: which bindings it serves, and that it forgets what the call site
+forgets. On CPU through a strategy with a Python seam table that follows cuda_ext's contract; on a GPU through
+cuda_ext's C++ table itself (the same assertions)."""
+
+import gc
+
+import pytest
+import torch
+
+from copytune import Dispatcher, callsite, nsa
+from copytune.dispatch import Rebased
+from copytune.kernels import registry
+from copytune.kernels.base import BoundLaunch
+from copytune.kernels.torch_per_copy import STRATEGY as TORCH
+from tests.test_nsa import assert_same, clone
+
+
+class PySeamTable:
+    """cuda_ext's SeamTable in Python: (owner, mode by identity, structure) -> the attribute launcher."""
+
+    def __init__(self, step_var, values, present):
+        self.step_var, self.values, self.present = step_var, tuple(values), tuple(present)
+        self.entries, self.count = [], 0
+
+    def structure(self, source):
+        return tuple(getattr(source, a) for a in self.values) + tuple(getattr(source, a) is None for a in
+                                                                      self.present)
+
+    def put(self, owner, mode, source, launcher):
+        self.entries = [e for e in self.entries if not (e[0] == id(owner) and e[1] is mode and
+                                                        e[2] == self.structure(source))]
+        self.entries.append((id(owner), mode, self.structure(source), launcher))
+        return ""
+
+    def drop(self, launcher):
+        self.entries = [e for e in self.entries if e[3] is not launcher]
+
+    def size(self):
+        return len(self.entries)
+
+    def served(self):
+        return self.count
+
+    def fast_run(self):
+        def run(owner, source, mode):
+            if self.step_var is not None and self.step_var.get() is not None:
+                return False
+            structure = self.structure(source)
+            hit = next((e[3] for e in self.entries if e[0] == id(owner) and e[1] is mode and e[2] == structure),
+                       None)
+            if hit is None or hit(source):
+                return False
+            self.count += 1
+            return True
+        return run
+
+
+class SeamLaunch(BoundLaunch):
+    """torch_per_copy's launch with the capabilities of cuda_ext's: sources checked by the launch, read off an
+    object by attribute, and a seam table (page tables keep their bound width here)."""
+
+    strategy = "seam_fake"
+
+    def __init__(self, inner, plan):
+        self.inner, self.plan, self.run_sources = inner, plan, inner
+
+    def __call__(self, srcs=None):
+        self.inner() if srcs is None else self.run_sources(srcs)
+
+    def expect_sources(self, samples):
+        self.geometry = [(s.shape, s.stride(), s.dtype) for s in samples]
+        self.checks_sources = True
+        return True
+
+    def set_source_offsets(self, offsets):  # sources are base tensors: the views are built per call
+        self.run_sources = Rebased(self.inner, self.plan, list(offsets))
+        return True
+
+    def follow_source_shape(self, i, max_row_bytes, itemsize):
+        return True  # claimed; a source of another width is refused by the launcher's geometry check
+
+    def attribute_launcher(self, names):
+        import operator
+
+        getters = [operator.attrgetter(n) for n in names]
+
+        def run(obj):
+            srcs = [g(obj) for g in getters]
+            if [(s.shape, s.stride(), s.dtype) for s in srcs] != self.geometry:
+                return "seam_fake: source of another geometry"
+            self(srcs)
+            return None
+        return run
+
+    def seam_table(self, step_var, values, present):
+        return PySeamTable(step_var, values, present)
+
+
+class SeamFake:
+    name, serves_cpu = "seam_fake", True
+
+    def available(self, device):
+        return None
+
+    def supports(self, plan):
+        return True
+
+    def candidates(self, plan):
+        return [{}]
+
+    def validate_params(self, params):
+        return None
+
+    def bind(self, plan, params=None):
+        return SeamLaunch(TORCH.bind(plan, params), plan)
+
+
+@pytest.fixture
+def site_strategy(tmp_path, monkeypatch):
+    """The default dispatcher pinned to cuda_ext on a GPU, else to the Python seam fake; a fresh call site; the
+    device; the strategy's name."""
+    on_gpu = torch.cuda.is_available() and registry.get_strategy("cuda_ext").available("cuda") is None
+    if not on_gpu:
+        monkeypatch.setitem(registry.strategies(), "seam_fake", SeamFake())
+    d = Dispatcher(tmp_path / "c.db", tune=False, strategy="cuda_ext" if on_gpu else "seam_fake")
+    monkeypatch.setattr("copytune.dispatch._default", {"eager": d})
+    site = callsite.CallSite("test refresh", nsa._from_precomputed, nsa.PRECOMPUTED_STRUCTURE, step_var=nsa._step)
+    monkeypatch.setattr(nsa, "_SITE", site)
+    return site, torch.device("cuda" if on_gpu else "cpu"), "cuda_ext" if on_gpu else "seam_fake"
+
+
+def test_the_step_serves_what_was_bound_and_nothing_else(site_strategy):
+    site, device, _ = site_strategy
+    md, pre = nsa.make_example(4, 40, 128, device=device)
+    assert not site.step(md, pre, "decode")  # nothing bound yet
+    site.refresh((md,), id(md), pre, "decode")
+    assert site.table is not None and site.table.size() == 1 and site.step is not site._step
+    for k in range(3):  # later steps: one call, exact
+        _, pre = nsa.make_example(4, 40, 128, device=device, seed=10 + k)
+        want = clone(md)
+        nsa.reference_copy(want, pre)
+        assert site.step(md, pre, "decode")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert_same(md, want)
+    assert site.served() == 3
+    before = clone(md)
+    _, other = nsa.make_example(4, 40, 128, device=device, seed=99)
+    other.real_page_table = None  # another structure
+    assert not site.step(md, other, "decode")
+    assert not site.step(md, pre, "target_verify")  # another mode
+    assert not site.step(clone(md), pre, "decode")  # another destination object
+    token = nsa._step.set(object())  # a multi-step replay in flight
+    try:
+        assert not site.step(md, pre, "decode")
+    finally:
+        nsa._step.reset(token)
+    _, short = nsa.make_example(3, 40, 128, device=device, seed=5)
+    short.seqlens_expanded_size = 4  # the bound structure, sources of another shape: refused, nothing written
+    assert not site.step(md, short, "decode")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert_same(md, before)
+    assert site.served() == 3
+
+
+def test_what_the_call_site_forgets_the_step_forgets(site_strategy):
+    """A freed destination object, and a binding dropped for a new winner, leave the table too."""
+    site, device, _ = site_strategy
+    md, pre = nsa.make_example(4, 40, 128, device=device)
+    site.refresh((md,), id(md), pre, "decode")
+    assert site.table.size() == 1
+    site._adopted(site.binding(id(md)).key)  # the dispatcher adopted a new winner for the key
+    assert site.table.size() == 0 and not site.step(md, pre, "decode")
+    site.refresh((md,), id(md), pre, "decode")  # bound again: served again
+    assert site.table.size() == 1 and site.step(md, pre, "decode")
+    del md
+    gc.collect()
+    assert site.table.size() == 0 and not site.bindings
+
+
+def test_a_dispatcher_passed_explicitly_is_never_in_the_table(site_strategy, tmp_path):
+    site, device, name = site_strategy
+    md, pre = nsa.make_example(4, 40, 128, device=device)
+    site.refresh((md,), id(md), pre, "decode", Dispatcher(tmp_path / "other.db", tune=False, strategy=name))
+    assert site.table is None or site.table.size() == 0
+    assert not site.step(md, pre, "decode")
