@@ -44,16 +44,24 @@ class Unsupported(ValueError):
     """The call site cannot take this step; the caller hands it to the engine's own code."""
 
 
-class Structure(NamedTuple):
+class Structure:
     """What a copy list depends on besides the buffers, read off the step's source object: attributes whose int
-    ``values`` it depends on, and attributes whose presence (not None) it depends on. Called on a source it is
-    the lookup key's part; as data it lets a strategy check it in C++ (``CallSite.step``)."""
+    ``values`` it depends on, and attributes whose presence (not None) it depends on. ``key(source)`` is the
+    lookup key's part (a function made for these names: a step's Python does not loop over them); as data it
+    lets a strategy check it in C++ (``CallSite.step``)."""
 
-    values: tuple[str, ...] = ()
-    present: tuple[str, ...] = ()
+    __slots__ = ("key", "present", "values")
+
+    def __init__(self, values: Sequence[str] = (), present: Sequence[str] = ()):
+        self.values, self.present = tuple(values), tuple(present)
+        for name in self.values + self.present:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"not an attribute name: {name!r}")
+        items = [f"s.{a}" for a in self.values] + [f"s.{a} is None" for a in self.present]
+        self.key: Callable[[object], tuple] = eval(f"lambda s: ({', '.join(items)},)")  # noqa: S307 - names checked
 
     def __call__(self, source) -> tuple:
-        return tuple(getattr(source, a) for a in self.values) + tuple(getattr(source, a) is None for a in self.present)
+        return self.key(source)
 
 
 class _Binding:
@@ -150,9 +158,11 @@ class CallSite:
     ContextVar) holds anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is
     one C call: lookup, structure check, source reads and checks, launch."""
 
-    def __init__(self, name: str, copies: CopyList, structure: Callable[[object], tuple], *,
+    def __init__(self, name: str, copies: CopyList, structure: Structure | Callable[[object], tuple], *,
                  step_var: contextvars.ContextVar | None = None):
-        self.name, self.copies, self.structure, self.step_var = name, copies, structure, step_var
+        self.name, self.copies, self.step_var = name, copies, step_var
+        self.guards = structure if isinstance(structure, Structure) else None  # what the seam table compares
+        self.structure = structure.key if isinstance(structure, Structure) else structure
         self.bindings: dict[tuple, _Binding] = {}
         self._owned: dict[object, list[tuple]] = {}  # owner -> its keys, oldest first
         self._pinned: dict[object, list] = {}  # destination objects that cannot be weakly referenced, kept alive
@@ -257,10 +267,10 @@ class CallSite:
 
     def _offer(self, owner_object, mode, source, entry: _Binding) -> None:
         """Put a default-dispatcher binding of one destination object into the seam table, where it can go."""
-        if entry.from_object is None or not isinstance(self.structure, Structure):
+        if entry.from_object is None or self.guards is None:
             return
         if self.table is None:
-            self.table = entry.bound.seam_table(self.step_var, self.structure.values, self.structure.present)
+            self.table = entry.bound.seam_table(self.step_var, self.guards.values, self.guards.present)
             if self.table is None:
                 return
             fast = self.table.fast_run()
