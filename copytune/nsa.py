@@ -225,10 +225,8 @@ def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="
 
 
 def _launcher(owner, precomputed, forward_mode, dispatcher):
-    """The bound C++ step for this key (CallSite.refresh's lookup, PRECOMPUTED_STRUCTURE inlined), or None."""
-    binding = _SITE.bindings.get((owner, forward_mode, (
-        precomputed.seqlens_expanded_size, precomputed.real_page_table is None,
-        precomputed.flashmla_metadata is None), dispatcher))
+    """The bound C++ step for this key (CallSite.refresh's lookup), or None."""
+    binding = _SITE.bindings.get((owner, forward_mode, _SITE.structure(precomputed), dispatcher))
     return None if binding is None else binding.from_object
 
 
