@@ -77,9 +77,13 @@ def strategy_steps(plan: CopyPlan, device: torch.device, mode: str) -> tuple[dic
     parameters, or why it has no time."""
     notes: dict[str, str] = {}
     best: dict[str, tuner.Timing] = {}
-    for t in tuner.tune(plan, mode, pool=tuner.default_pool(device)).timings:
-        if t.time_us is None:
-            notes.setdefault(t.strategy, t.reason or "")
+    try:
+        timings = tuner.tune(plan, mode, pool=tuner.default_pool(device)).timings
+    except tuner.NoisyTiming as exc:  # nothing is stored from a bench: its own round-robin times every one again
+        timings = exc.timings
+    for t in timings:
+        if t.time_us is None or t.reason is not None:  # no time, or not exact
+            notes.setdefault(t.strategy, t.reason or "no time")
         elif t.strategy not in best or t.time_us < best[t.strategy].time_us:
             best[t.strategy] = t
             notes[t.strategy] = ",".join(f"{k}={v}" for k, v in t.params.items())

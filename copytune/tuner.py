@@ -56,7 +56,12 @@ Timer = Callable[[Callable[[int], None], str, torch.device], float]  # (step(i),
 
 
 class NoisyTiming(RuntimeError):
-    """The timings did not repeat: nothing may be stored from them."""
+    """The timings did not repeat: nothing may be stored from them. ``timings``: every candidate as last timed
+    (a benchmark that times the candidates again itself may still use their parameters)."""
+
+    def __init__(self, message: str, timings: list | None = None):
+        super().__init__(message)
+        self.timings = timings or []
 
 
 class TimeLimit(RuntimeError):
@@ -161,7 +166,7 @@ def tune(plan: CopyPlan, mode: str = "eager", *, pool: Mapping[str, Strategy] | 
                                   base.time_us if base is not None and base.reason is None else math.nan, timings)
             doubt = f"{best.strategy} failed its check after timing: {best.reason}"
             steps.pop(id(best))
-    raise NoisyTiming(f"timings did not repeat ({doubt}); nothing stored")
+    raise NoisyTiming(f"timings did not repeat ({doubt}); nothing stored", timings)
 
 
 def _prepare(strategy, params: dict, scratch: Scratch, device) -> Callable[[int], None]:

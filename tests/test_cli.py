@@ -129,6 +129,22 @@ def test_bench_interrupted_keeps_the_points_measured_so_far(tmp_path, monkeypatc
     assert results["points"][0]["rows"][0]["name"] == "torch_per_copy"
 
 
+def test_bench_times_every_strategy_when_the_tuners_timings_did_not_repeat(tmp_path, monkeypatch):
+    """A noisy host makes a tune refuse to store anything; a bench stores nothing and times every strategy again
+    itself, so it goes on with the tuner's parameters (it failed with exit 1 on a busy GPU host's CPU run)."""
+    from copytune import tuner
+
+    real = tuner.tune
+
+    def noisy(*args, **kwargs):
+        raise tuner.NoisyTiming("timings did not repeat (scripted); nothing stored", real(*args, **kwargs).timings)
+    monkeypatch.setattr(tuner, "tune", noisy)
+    result = CliRunner().invoke(main, ["bench", "--bs", "1", "--max-len", "64", "--large", "none", "--engine",
+                                       "none", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "torch_per_copy" in result.output and "torch_foreach" in result.output
+
+
 def test_bench_plot_without_matplotlib_is_one_line_before_measuring(tmp_path, monkeypatch):
     import sys
 

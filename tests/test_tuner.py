@@ -320,8 +320,9 @@ def test_timings_that_never_repeat_store_nothing(logged, plan, tmp_path):
 
     pool = {"fast": Fake("fast"), "torch_per_copy": get_strategy("torch_per_copy")}
     seesaw = ([500.0] * ROUNDS + [5.0] * ROUNDS) * 4
-    with pytest.raises(NoisyTiming, match=r"torch_per_copy 500.00 µs, then 5.00 µs.*nothing stored"):
+    with pytest.raises(NoisyTiming, match=r"torch_per_copy 500.00 µs, then 5.00 µs.*nothing stored") as raised:
         tune(plan, "eager", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
+    assert {t.strategy for t in raised.value.timings} == {"fast", "torch_per_copy"}  # for a bench to time again
     d = Dispatcher(tmp_path / "c.db", pool=pool, timer=sampled({"fast": [2.0], "torch_per_copy": seesaw}))
     with logged("tuning failed .*NoisyTiming"):
         assert d.choose(plan).origin == "default"
