@@ -64,6 +64,7 @@ class BoundBatch {
   std::string set_source_offsets(const std::vector<int64_t>& offsets) {
     if (offsets.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " offsets";
     offsets_ = offsets;
+    shared_.clear();
     return "";
   }
 
@@ -79,6 +80,7 @@ class BoundBatch {
       (*v)[i].src_stride = src_stride;
       (*v)[i].dst_stride = dst_stride;
     }
+    shared_.clear();  // rows take part in find_shared
     index_destinations();
     plan();
     return "";
@@ -91,6 +93,7 @@ class BoundBatch {
     if (i < 0 || i >= static_cast<int64_t>(raw_.size()) || itemsize <= 0) return "cuda_ext: bad follow request";
     follow_.resize(raw_.size(), Follow{0, 0});
     follow_[i] = Follow{max_row_bytes, itemsize};
+    shared_.clear();
     return "";
   }
 
@@ -163,6 +166,7 @@ class BoundBatch {
   std::string expect_sources(const std::vector<at::Tensor>& samples) {
     if (samples.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " samples";
     expect_.clear();
+    shared_.clear();
     for (const at::Tensor& t : samples) expect_.push_back(Expect{t.scalar_type(), t.sizes().vec(), t.strides().vec()});
     return "";
   }
@@ -202,6 +206,7 @@ class BoundBatch {
     items_.clear();
     paths_ = std::move(distinct);
     source_of_ = std::move(source_of);
+    shared_.clear();
     read_.assign(attrs_.size(), pybind11::object());
     return "";
   }
@@ -223,6 +228,7 @@ class BoundBatch {
     for (int64_t index : distinct) paths_.push_back("[" + std::to_string(index) + "]");
     items_ = std::move(distinct);
     source_of_ = std::move(source_of);
+    shared_.clear();
     read_.assign(items_.size(), pybind11::object());
     return "";
   }
@@ -261,7 +267,19 @@ class BoundBatch {
         read_[j] = std::move(t);
       }
       pending_.resize(raw_.size());
+      if (shared_.size() != raw_.size()) find_shared();
       for (size_t i = 0; i < raw_.size() && err.empty(); ++i) {
+        const int k = shared_[i];
+        if (k >= 0) {  // read and checked as copy k: the same tensor, the same expectations
+          const RawCopy& first = pending_[k];
+          pending_[i] = raw_[i];
+          pending_[i].src = first.src;
+          if (!follow_.empty() && follow_[i].itemsize) {
+            pending_[i].row_bytes = first.row_bytes;
+            pending_[i].src_stride = first.src_stride;
+          }
+          continue;
+        }
         PyObject* t = read_[source_of_[i]].ptr();
         if (!THPVariable_Check(t)) {
           err = "cuda_ext: source " + std::to_string(i) + " is not a tensor";
@@ -298,6 +316,28 @@ class BoundBatch {
   int64_t unroll() const { return unroll_; }
 
  private:
+  // shared_[i]: an earlier copy k whose source is the same object, taken the same way (offset, expectations,
+  // followed width and rows), so copy i's source is copy k's: N draft backends check each source once. -1: its own.
+  void find_shared() {
+    shared_.assign(raw_.size(), -1);
+    for (size_t i = 0; i < raw_.size(); ++i) {
+      for (size_t k = 0; k < i; ++k) {
+        if (shared_[k] >= 0 || source_of_[k] != source_of_[i]) continue;
+        const bool same_offset = offsets_.empty() || offsets_[k] == offsets_[i];
+        const bool same_expect = expect_.empty() || (expect_[k].dtype == expect_[i].dtype &&
+                                                     expect_[k].sizes == expect_[i].sizes &&
+                                                     expect_[k].strides == expect_[i].strides);
+        const bool same_follow = follow_.empty() ||
+            (follow_[k].itemsize == follow_[i].itemsize && follow_[k].max_row_bytes == follow_[i].max_row_bytes &&
+             (!follow_[i].itemsize || raw_[k].rows == raw_[i].rows));
+        if (same_offset && same_expect && same_follow) {
+          shared_[i] = static_cast<int>(k);
+          break;
+        }
+      }
+    }
+  }
+
   // What copy i reads once `t` is its source (its address plus the bound offset; its shape where followed), into
   // `out`; nothing of the batch changes until every source of a call passed (commit_and_launch).
   std::string take_source(size_t i, const at::Tensor& t, RawCopy* out) {
@@ -474,6 +514,7 @@ class BoundBatch {
   std::vector<int64_t> items_;                         // or distinct indices into one tuple or list
   std::vector<size_t> source_of_;                      // copy i reads distinct source source_of_[i]
   std::vector<pybind11::object> read_;                 // a call's distinct sources while they are checked
+  std::vector<int> shared_;                            // find_shared(); empty: to be found again
   std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
   std::vector<int64_t> tiles_;
   size_t chunks_ = 0;
