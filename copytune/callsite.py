@@ -153,7 +153,8 @@ class CallSite:
     ``step`` check it in C++.
 
     ``step(owner_object, source, mode)`` is an engine seam's common step: True when it launched the refresh
-    bound for (that one destination object, mode, source structure) with the default dispatcher; False when the
+    bound for (that destination object — or that tuple or list of them, as ``refresh`` took them with a tuple
+    ``owner`` —, mode, source structure) with the default dispatcher; False when the
     caller must take the step (``refresh``: bind, raise, or hand it to the engine) — also while ``step_var`` (a
     ContextVar) holds anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is
     one C call: lookup, structure check, source reads and checks, launch."""
@@ -170,22 +171,15 @@ class CallSite:
         self._listening: weakref.WeakSet = weakref.WeakSet()  # dispatchers that tell this site of new winners
         self.table = None  # the winner strategy's seam table, made with the first binding that has one
         self.step = self._step
-        self._served = 0  # steps served by the Python step (the table counts its own)
 
     def _step(self, owner_object, source, mode) -> bool:
         """``step`` without a seam table (the same lookup as ``refresh``)."""
         if self.step_var is not None and self.step_var.get() is not None:
             return False
-        binding = self.bindings.get((id(owner_object), mode, self.structure(source), None))
+        owner = tuple(map(id, owner_object)) if isinstance(owner_object, (list, tuple)) else id(owner_object)
+        binding = self.bindings.get((owner, mode, self.structure(source), None))
         run = None if binding is None else binding.from_object
-        if run is None or run(source):
-            return False
-        self._served += 1
-        return True
-
-    def served(self) -> int:
-        """Steps ``step`` launched."""
-        return self._served + (self.table.served() if self.table is not None else 0)
+        return run is not None and not run(source)
 
     def refresh(self, targets: Sequence[object], owner, source, mode, dispatcher: Dispatcher | None = None) -> None:
         """Copy ``source`` into every object of ``targets`` as the copy list says, in one tuned launch.
@@ -248,8 +242,8 @@ class CallSite:
         keys.append(key)
         if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
             self._drop(key)  # this step runs it; the next binds again
-        elif key[3] is None and len(targets) == 1:
-            self._offer(targets[0], mode, source, entry)
+        elif key[3] is None:  # the default dispatcher's: the seam's step serves it
+            self._offer(tuple(targets) if isinstance(owner, tuple) else targets[0], mode, source, entry)
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")
 

@@ -218,16 +218,9 @@ def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="
     """Refresh several backends' buffers (one per draft step) from one precomputed set in one launch, each
     source read once for all of them; the engine's own fused kernel takes three backends and loops over the rest.
     """
-    owner = tuple(map(id, metadatas))
-    run = _launcher(owner, precomputed, forward_mode, dispatcher)
-    if run is None or run(precomputed):  # not bound yet, or refused: CallSite.refresh binds, or raises the error
-        _SITE.refresh(metadatas, owner, precomputed, forward_mode, dispatcher)
-
-
-def _launcher(owner, precomputed, forward_mode, dispatcher):
-    """The bound C++ step for this key (CallSite.refresh's lookup), or None."""
-    binding = _SITE.bindings.get((owner, forward_mode, _SITE.structure(precomputed), dispatcher))
-    return None if binding is None else binding.from_object
+    if dispatcher is None and _SITE.step(metadatas, precomputed, forward_mode):  # bound: one C call (cuda_ext)
+        return
+    _SITE.refresh(metadatas, tuple(map(id, metadatas)), precomputed, forward_mode, dispatcher)
 
 
 # -- examples -------------------------------------------------------------------------------------------------
@@ -310,13 +303,9 @@ class Stats:
     """Per-process counters: refreshes copytune served (``batched``: covered by an earlier launch of the same
     multi-backend step), and refreshes handed to the engine's own code, by reason."""
 
-    counted: int = 0  # refreshes served by the Python paths (the seam's common step counts in _SITE.served())
+    served: int = 0
     batched: int = 0
     handed: Counter = field(default_factory=Counter)
-
-    @property
-    def served(self) -> int:
-        return self.counted + _SITE.served()
 
     def line(self) -> str:
         handed = ", ".join(f"{n} {why}" for why, n in self.handed.most_common()) or "none"
@@ -376,7 +365,7 @@ def _serve(metadata, bs, precomputed, forward_mode) -> bool:
     if not STATS.served:
         log.info("copytune: first metadata refresh served (%s, %s)", type(metadata).__name__,
                  forward_mode_name(forward_mode))
-    STATS.counted += 1
+    STATS.served += 1
     return True
 
 
@@ -392,6 +381,7 @@ def _patch_seam(cls, original):
 
     def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
         if site.step(metadata, precomputed, forward_mode):  # one C call where the winner is cuda_ext
+            STATS.served += 1
             return None
         if not _serve(metadata, bs, precomputed, forward_mode):
             return original(self, bs, metadata, precomputed, forward_mode)
@@ -446,7 +436,7 @@ def _patch_multi_kernel(_module, original):
             _hand(str(exc).split("\n")[0] if isinstance(exc, Unsupported) else type(exc).__name__, exc)
             return original(*args, **kwargs)
         step.mark(args[0], targets)
-        STATS.counted += 1
+        STATS.served += 1
         return None
     return fused_metadata_copy_multi_cuda
 

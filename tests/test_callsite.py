@@ -26,10 +26,14 @@ class PySeamTable:
         return tuple(getattr(source, a) for a in self.values) + tuple(getattr(source, a) is None for a in
                                                                       self.present)
 
+    @staticmethod
+    def ids(owner):
+        return ("many", *map(id, owner)) if isinstance(owner, (list, tuple)) else id(owner)
+
     def put(self, owner, mode, source, launcher):
-        self.entries = [e for e in self.entries if not (e[0] == id(owner) and e[1] is mode and
+        self.entries = [e for e in self.entries if not (e[0] == self.ids(owner) and e[1] is mode and
                                                         e[2] == self.structure(source))]
-        self.entries.append((id(owner), mode, self.structure(source), launcher))
+        self.entries.append((self.ids(owner), mode, self.structure(source), launcher))
         return ""
 
     def drop(self, launcher):
@@ -46,8 +50,8 @@ class PySeamTable:
             if self.step_var is not None and self.step_var.get() is not None:
                 return False
             structure = self.structure(source)
-            hit = next((e[3] for e in self.entries if e[0] == id(owner) and e[1] is mode and e[2] == structure),
-                       None)
+            hit = next((e[3] for e in self.entries if e[0] == self.ids(owner) and e[1] is mode and
+                        e[2] == structure), None)
             if hit is None or hit(source):
                 return False
             self.count += 1
@@ -143,7 +147,7 @@ def test_the_step_serves_what_was_bound_and_nothing_else(site_strategy):
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert_same(md, want)
-    assert site.served() == 3
+    assert site.table.served() == 3
     before = clone(md)
     _, other = nsa.make_example(4, 40, 128, device=device, seed=99)
     other.real_page_table = None  # another structure
@@ -161,7 +165,26 @@ def test_the_step_serves_what_was_bound_and_nothing_else(site_strategy):
     if device.type == "cuda":
         torch.cuda.synchronize()
     assert_same(md, before)
-    assert site.served() == 3
+    assert site.table.served() == 3
+
+
+def test_several_destination_objects_are_one_step_in_their_order(site_strategy):
+    """Draft backends refreshed together: the step serves exactly that sequence of objects, each by identity."""
+    site, device, _ = site_strategy
+    mds = [nsa.make_example(4, 40, 128, device=device, seed=s)[0] for s in (1, 2, 3)]
+    _, pre = nsa.make_example(4, 40, 128, device=device)
+    site.refresh(mds, tuple(map(id, mds)), pre, "decode")
+    _, pre = nsa.make_example(4, 40, 128, device=device, seed=7)
+    wants = [clone(md) for md in mds]
+    for want in wants:
+        nsa.reference_copy(want, pre)
+    assert site.step(mds, pre, "decode") and site.step(tuple(mds), pre, "decode")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for md, want in zip(mds, wants):
+        assert_same(md, want)
+    for other in (mds[:2], mds[::-1], mds[0], [*mds, mds[0]], []):
+        assert not site.step(other, pre, "decode")
 
 
 def test_what_the_call_site_forgets_the_step_forgets(site_strategy):

@@ -638,24 +638,35 @@ class SeamTable {
   }
 
   // Serve (owner, mode, the structure of `source`) by `launcher` (a batch's run_attrs entry point) from now on;
-  // "" or why not (nothing changes then). The owner is held weakly where it can be: its address is only a key.
+  // "" or why not (nothing changes then). `owner`: one destination object, or a list or tuple of them (several
+  // draft backends refreshed in one launch). Owners are held weakly where they can be: addresses are only keys.
   std::string put(pybind11::handle owner, pybind11::object mode, pybind11::handle source, pybind11::object launcher) {
     if (!error_.empty()) return error_;
     BoundBatch* batch = batch_of(launcher.ptr());
     if (batch == nullptr) return "cuda_ext: not a run_attrs entry point";
     std::vector<int64_t> structure;
     if (!read_structure(source.ptr(), &structure)) return "cuda_ext: the structure is not int values and Nones";
-    Entry e{pybind11::none(), pybind11::none(), mode, std::move(structure), batch, launcher};
-    PyObject* ref = PyWeakref_NewRef(owner.ptr(), nullptr);
-    if (ref != nullptr) {
-      e.weak = pybind11::reinterpret_steal<pybind11::object>(ref);
-    } else {
-      PyErr_Clear();
-      e.strong = pybind11::reinterpret_borrow<pybind11::object>(owner);  // not weak-referenceable: kept alive
+    Entry e{{}, mode, std::move(structure), batch, launcher};
+    const bool many = PyList_Check(owner.ptr()) || PyTuple_Check(owner.ptr());
+    const Py_ssize_t n = many ? PySequence_Fast_GET_SIZE(owner.ptr()) : 1;
+    if (n < 1) return "cuda_ext: no owner";
+    PyObject** items = many ? PySequence_Fast_ITEMS(owner.ptr()) : nullptr;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      PyObject* o = many ? items[k] : owner.ptr();
+      PyObject* ref = PyWeakref_NewRef(o, nullptr);
+      if (ref == nullptr) {
+        PyErr_Clear();
+        e.owners.push_back(pybind11::reinterpret_borrow<pybind11::object>(o));  // not weak-referenceable: kept
+        e.weak.push_back(false);
+      } else {
+        e.owners.push_back(pybind11::reinterpret_steal<pybind11::object>(ref));
+        e.weak.push_back(true);
+      }
     }
-    auto& entries = by_owner_[reinterpret_cast<uintptr_t>(owner.ptr())];
+    e.many = many;
+    auto& entries = by_owner_[reinterpret_cast<uintptr_t>(many ? items[0] : owner.ptr())];
     for (Entry& old : entries) {
-      if (old.mode.ptr() == mode.ptr() && old.structure == e.structure) {
+      if (old.mode.ptr() == mode.ptr() && old.structure == e.structure && same_owners(old, owner.ptr())) {
         old = std::move(e);
         return "";
       }
@@ -682,7 +693,7 @@ class SeamTable {
   }
   int64_t served() const { return served_; }
 
-  // (owner, source, mode) -> True: launched; False: the caller takes the step. Never raises.
+  // (owner or owners, source, mode) -> True: launched; False: the caller takes the step. Never raises.
   PyObject* run(PyObject* const* args, Py_ssize_t nargs) {
     if (nargs != 3 || by_owner_.empty() || !error_.empty()) Py_RETURN_FALSE;
     PyObject *owner = args[0], *source = args[1], *mode = args[2];
@@ -699,14 +710,14 @@ class SeamTable {
     // attribute reads may run Python (properties): the structure is read before the table is looked at, and
     // the entry found is held (launcher) rather than iterated while its batch launches
     if (!read_structure(source, &structure_)) Py_RETURN_FALSE;
-    auto it = by_owner_.find(reinterpret_cast<uintptr_t>(owner));
+    const bool many = PyList_Check(owner) || PyTuple_Check(owner);
+    if (many && PySequence_Fast_GET_SIZE(owner) < 1) Py_RETURN_FALSE;
+    auto it = by_owner_.find(reinterpret_cast<uintptr_t>(many ? PySequence_Fast_ITEMS(owner)[0] : owner));
     if (it == by_owner_.end()) Py_RETURN_FALSE;
     BoundBatch* hit = nullptr;
     pybind11::object keep;
     for (const Entry& e : it->second) {
-      if (e.mode.ptr() != mode || e.structure != structure_) continue;
-      // the address is the owner's only while the owner lives: a freed owner's address may be another object's
-      if (e.weak.is_none() ? e.strong.ptr() != owner : PyWeakref_GetObject(e.weak.ptr()) != owner) continue;
+      if (e.mode.ptr() != mode || e.structure != structure_ || !same_owners(e, owner)) continue;
       hit = e.batch;
       keep = e.launcher;
       break;
@@ -718,12 +729,29 @@ class SeamTable {
 
  private:
   struct Entry {
-    pybind11::object weak, strong;  // the owner: a weak reference, or the owner itself where it has none
-    pybind11::object mode;          // compared by identity (the engine's enum members are singletons)
+    std::vector<pybind11::object> owners;  // each a weak reference, or the owner itself where it has none
+    pybind11::object mode;                 // compared by identity (the engine's enum members are singletons)
     std::vector<int64_t> structure;
     BoundBatch* batch;
-    pybind11::object launcher;      // keeps `batch` alive
+    pybind11::object launcher;             // keeps `batch` alive
+    std::vector<bool> weak;                // owners[k] is a weak reference
+    bool many = false;                     // put with a list or tuple of owners
   };
+
+  // Whether `owner` (an object, or a list or tuple of them) is the entry's, each by identity: an address is an
+  // owner's only while the owner lives (a freed owner's address may be another object's, its weak reference dead).
+  static bool same_owners(const Entry& e, PyObject* owner) {
+    const bool many = PyList_Check(owner) || PyTuple_Check(owner);
+    if (many != e.many) return false;
+    const Py_ssize_t n = many ? PySequence_Fast_GET_SIZE(owner) : 1;
+    if (n != static_cast<Py_ssize_t>(e.owners.size())) return false;
+    PyObject** items = many ? PySequence_Fast_ITEMS(owner) : &owner;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      PyObject* held = e.weak[k] ? PyWeakref_GetObject(e.owners[k].ptr()) : e.owners[k].ptr();
+      if (held != items[k]) return false;
+    }
+    return true;
+  }
 
   static BoundBatch* batch_of(PyObject* launcher);
 
