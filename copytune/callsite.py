@@ -243,7 +243,7 @@ class CallSite:
         if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
             self._drop(key)  # this step runs it; the next binds again
         elif key[3] is None:  # the default dispatcher's: the seam's step serves it
-            self._offer(tuple(targets) if isinstance(owner, tuple) else targets[0], mode, source, entry)
+            self._offer(key, tuple(targets) if isinstance(owner, tuple) else targets[0], mode, source, entry)
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")
 
@@ -259,8 +259,10 @@ class CallSite:
                     self._pinned.setdefault(owner, []).append(t)
         return keys
 
-    def _offer(self, owner_object, mode, source, entry: _Binding) -> None:
-        """Put a default-dispatcher binding of one destination object into the seam table, where it can go."""
+    def _offer(self, key, owner_object, mode, source, entry: _Binding) -> None:
+        """Put a default-dispatcher binding into the seam table, where it can go. A new winner adopted (on the
+        tuning thread) while it was put may have dropped the binding before the table held it: then it leaves
+        the table again, or the stale entry would serve the key for good (the step never reaches a rebind)."""
         if entry.from_object is None or self.guards is None:
             return
         if self.table is None:
@@ -270,7 +272,9 @@ class CallSite:
             fast = self.table.fast_run()
             if fast is not None:
                 self.step = fast
-        self.table.put(owner_object, mode, source, entry.from_object)  # "" or why not: then _step serves it
+        self.table.put(owner_object, mode, source, entry.from_object)  # "" or why not: refresh serves it then
+        if self.bindings.get(key) is not entry:
+            self.table.drop(entry.from_object)
 
     def _drop(self, key) -> None:
         """Forget one binding, in the seam table too."""

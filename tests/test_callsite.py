@@ -208,3 +208,26 @@ def test_a_dispatcher_passed_explicitly_is_never_in_the_table(site_strategy, tmp
     site.refresh((md,), id(md), pre, "decode", Dispatcher(tmp_path / "other.db", tune=False, strategy=name))
     assert site.table is None or site.table.size() == 0
     assert not site.step(md, pre, "decode")
+
+
+def test_a_winner_adopted_while_the_step_is_put_leaves_no_stale_entry(site_strategy, monkeypatch):
+    """The tuning thread adopts a new winner for the key between the binding and its entry in the table: the entry
+    must not outlive the binding (the step would serve the old winner for good, never reaching a rebind)."""
+    site, device, _ = site_strategy
+    md, pre = nsa.make_example(4, 40, 128, device=device)
+    site.refresh((md,), id(md), pre, "decode")  # the table exists from here on
+    site._adopted(site.binding(id(md)).key)
+    table = site.table
+    put = table.put
+
+    class Racing:  # the table, adopting during put (a C++ table's methods cannot be patched, so it is wrapped)
+        def __getattr__(self, name):
+            return getattr(table, name)
+
+        def put(self, *args):
+            out = put(*args)
+            site._adopted(site.bindings[next(iter(site.bindings))].key)
+            return out
+    monkeypatch.setattr(site, "table", Racing())
+    site.refresh((md,), id(md), pre, "decode")
+    assert table.size() == 0 and not site.step(md, pre, "decode")
