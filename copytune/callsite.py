@@ -12,6 +12,7 @@ can (``cuda_ext``: one C++ call per step).
 from __future__ import annotations
 
 import contextvars
+import keyword
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -54,8 +55,8 @@ class Structure:
 
     def __init__(self, values: Sequence[str] = (), present: Sequence[str] = ()):
         self.values, self.present = tuple(values), tuple(present)
-        for name in self.values + self.present:
-            if not all(part.isidentifier() for part in name.split(".")):
+        for name in self.values + self.present:  # plain names: the key is made from them, C++ reads them as one
+            if not name.isidentifier() or keyword.iskeyword(name):
                 raise ValueError(f"not an attribute name: {name!r}")
         items = [f"s.{a}" for a in self.values] + [f"s.{a} is None" for a in self.present]
         self.key: Callable[[object], tuple] = eval(f"lambda s: ({', '.join(items)},)")  # noqa: S307 - names checked
@@ -242,7 +243,7 @@ class CallSite:
         keys.append(key)
         if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
             self._drop(key)  # this step runs it; the next binds again
-        elif key[3] is None:  # the default dispatcher's: the seam's step serves it
+        elif key[3] is None and (isinstance(owner, tuple) or len(targets) == 1):  # the seam's step serves it
             self._offer(key, tuple(targets) if isinstance(owner, tuple) else targets[0], mode, source, entry)
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")

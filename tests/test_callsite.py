@@ -230,3 +230,9 @@ def test_a_winner_adopted_while_the_step_is_put_leaves_no_stale_entry(site_strat
     monkeypatch.setattr(site, "table", Racing())
     site.refresh((md,), id(md), pre, "decode")
     assert table.size() == 0 and not site.step(md, pre, "decode")
+
+
+@pytest.mark.parametrize("name", ["a.b", "lambda", "1a", "a b"])
+def test_a_structure_names_plain_attributes(name):
+    with pytest.raises(ValueError, match="not an attribute name"):
+        callsite.Structure(values=(name,))

@@ -22,6 +22,15 @@ const char* const kMaybeOverlap = "cuda_ext: a source's extent meets a destinati
 // Errors come back as strings (empty on success) instead of exceptions: on the GPU hosts (torch 2.11, CUDA 13)
 // a c10::Error thrown out of this module through pybind11 crashed the process with SIGSEGV, and a serving process
 // must get a Python exception, never a crash. Every entry point catches everything it calls.
+// Sets a flag for the scope: a call that may run Python (attribute reads) refuses to be entered again meanwhile.
+struct Busy {
+  explicit Busy(bool* flag) : flag_(flag) { *flag_ = true; }
+  ~Busy() { *flag_ = false; }
+  Busy(const Busy&) = delete;
+  Busy& operator=(const Busy&) = delete;
+  bool* flag_;
+};
+
 class BoundBatch {
  public:
   // flat: 6 int64 per copy (src, dst, rows, row_bytes, src_stride, dst_stride), bytes; empty copies excluded.
@@ -54,7 +63,8 @@ class BoundBatch {
     if (!error_.empty()) return error_;
     if (rebound_) {
       raw_ = bound_;
-      plan();
+      const std::string err = replan();
+      if (!err.empty()) return err;
       rebound_ = false;
     }
     return launch();
@@ -82,8 +92,7 @@ class BoundBatch {
     }
     shared_.clear();  // rows take part in find_shared
     index_destinations();
-    plan();
-    return "";
+    return replan();
   }
 
   // From now on copy i takes its row length and source row stride from each new source tensor (2-D, rows
@@ -167,7 +176,14 @@ class BoundBatch {
     if (samples.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " samples";
     expect_.clear();
     shared_.clear();
-    for (const at::Tensor& t : samples) expect_.push_back(Expect{t.scalar_type(), t.sizes().vec(), t.strides().vec()});
+    try {  // a sparse or nested sample has no strides: c10::Error, returned (never thrown across pybind11)
+      for (const at::Tensor& t : samples) {
+        expect_.push_back(Expect{t.scalar_type(), t.sizes().vec(), t.strides().vec()});
+      }
+    } catch (const std::exception& e) {
+      expect_.clear();
+      return std::string("cuda_ext: ") + first_line(e.what());
+    }
     return "";
   }
 
@@ -236,6 +252,10 @@ class BoundBatch {
   std::string run_attrs(pybind11::handle obj) {
     if (!error_.empty()) return error_;
     if (source_of_.size() != raw_.size()) return "cuda_ext: set_source_attrs was not called";
+    // An attribute read may run Python (a property, a finalizer) that calls this batch again: the inner call
+    // would clear the outer call's read_ and pending_ under it. Refused instead.
+    if (busy_) return "cuda_ext: a source read called this batch again";
+    const Busy busy(&busy_);
     std::string err;
     try {
       if (!items_.empty()) {
@@ -384,9 +404,24 @@ class BoundBatch {
         for (int d = 0; d < params_[k].count; ++d) params_[k].c[d].src = raw_[m.desc_leader[d]].src + m.src_offset[d];
       }
     } else {
-      plan();  // widths, splits or groups may differ: planned again (grouping is O(copies x groups))
+      const std::string err = replan();  // widths, splits or groups may differ (grouping: O(copies x groups))
+      if (!err.empty()) return err;
     }
     return launch();
+  }
+
+  // plan(), whose vectors may fail to grow: the error instead of an exception, and a state that plans again next
+  // time (no descriptor of a half-made plan is ever launched or patched).
+  std::string replan() {
+    try {
+      plan();
+      return "";
+    } catch (const std::exception& e) {
+      chunks_ = 0;
+      group_leader_.clear();
+      rebound_ = true;
+      return std::string("cuda_ext: ") + first_line(e.what());
+    }
   }
 
   // Whether pending_ differs from raw_ only in source addresses that keep the plan: the same shapes, the same
@@ -515,6 +550,7 @@ class BoundBatch {
   std::vector<size_t> source_of_;                      // copy i reads distinct source source_of_[i]
   std::vector<pybind11::object> read_;                 // a call's distinct sources while they are checked
   std::vector<int> shared_;                            // find_shared(); empty: to be found again
+  bool busy_ = false;                                  // inside run_attrs
   std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
   std::vector<int64_t> tiles_;
   size_t chunks_ = 0;
@@ -695,7 +731,8 @@ class SeamTable {
 
   // (owner or owners, source, mode) -> True: launched; False: the caller takes the step. Never raises.
   PyObject* run(PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 3 || by_owner_.empty() || !error_.empty()) Py_RETURN_FALSE;
+    if (nargs != 3 || by_owner_.empty() || !error_.empty() || busy_) Py_RETURN_FALSE;
+    const Busy busy(&busy_);  // structure_ is this call's until it returns (attribute reads may run Python)
     PyObject *owner = args[0], *source = args[1], *mode = args[2];
     if (!step_var_.is_none()) {
       PyObject* step = nullptr;
@@ -738,6 +775,18 @@ class SeamTable {
     bool many = false;                     // put with a list or tuple of owners
   };
 
+  // What a weak reference points to (None once dead), for an identity test only: never dereferenced.
+  static PyObject* referent(PyObject* ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject* obj = nullptr;
+    if (PyWeakref_GetRef(ref, &obj) < 0) PyErr_Clear();
+    Py_XDECREF(obj);
+    return obj == nullptr ? Py_None : obj;
+#else
+    return PyWeakref_GetObject(ref);
+#endif
+  }
+
   // Whether `owner` (an object, or a list or tuple of them) is the entry's, each by identity: an address is an
   // owner's only while the owner lives (a freed owner's address may be another object's, its weak reference dead).
   static bool same_owners(const Entry& e, PyObject* owner) {
@@ -747,7 +796,7 @@ class SeamTable {
     if (n != static_cast<Py_ssize_t>(e.owners.size())) return false;
     PyObject** items = many ? PySequence_Fast_ITEMS(owner) : &owner;
     for (Py_ssize_t k = 0; k < n; ++k) {
-      PyObject* held = e.weak[k] ? PyWeakref_GetObject(e.owners[k].ptr()) : e.owners[k].ptr();
+      PyObject* held = e.weak[k] ? referent(e.owners[k].ptr()) : e.owners[k].ptr();
       if (held != items[k]) return false;
     }
     return true;
@@ -786,6 +835,7 @@ class SeamTable {
   size_t n_values_ = 0;
   std::unordered_map<uintptr_t, std::vector<Entry>> by_owner_;
   std::vector<int64_t> structure_;  // reused by run(): no allocation per call once grown
+  bool busy_ = false;               // inside run()
   int64_t served_ = 0;
 };
 
