@@ -27,6 +27,7 @@ from bench_strategies import SETS, _graph_us, nsa_batch  # noqa: E402
 
 import copytune  # noqa: E402
 from copytune import Dispatcher, benchmark, nsa, reference  # noqa: E402
+from copytune.dispatch import set_default_dispatcher  # noqa: E402
 from copytune.kernels import cuda_ext  # noqa: E402
 
 
@@ -37,6 +38,9 @@ def nsa_rows(bs: int, max_len: int, ref) -> list[tuple[str, float]]:
     pres = [nsa.make_example(bs, max_len + k, width, device="cuda", seed=100 + k)[1] for k in range(SETS)]
     nsa.batched_copy_metadata(md, pres[0], dispatcher=d)
     binding = nsa._SITE.binding(id(md))
+    previous = set_default_dispatcher(d)  # the seam's step serves the default dispatcher's bindings
+    nsa.batched_copy_metadata(md, pres[0])
+    step = nsa._SITE.step if nsa._SITE.step(md, pres[1], "decode") else None  # None: no seam table here
     sources = [binding.get_sources(p) for p in pres]
     batch = binding.bound._launch.batch if hasattr(binding.bound._launch, "batch") else None
     views = [[s for s, _ in nsa.copy_pairs(md, p)] for p in pres]
@@ -64,7 +68,11 @@ def nsa_rows(bs: int, max_len: int, ref) -> list[tuple[str, float]]:
         ("_Binding.run alone (the multi-backend path)", lambda i: binding.run(pres[i % SETS])),
         ("7 × copy_ (reference_copy)", lambda i: nsa.reference_copy(md, pres[i % SETS])),
     ]
+    if step is not None:
+        steps.append(("the seam's step: CallSite.step (one C call)", lambda i: step(md, pres[i % SETS], "decode")))
     out = list(benchmark.interleaved(dict(steps), "eager", torch.device("cuda"), repeats=9).items())
+    if previous is not None:
+        set_default_dispatcher(previous)
     if batch is not None:
         out.append(("GPU time of the launch (graph replay)", _graph_us(lambda i: batch.run())))
     return out
