@@ -153,12 +153,12 @@ class CallSite:
     optional parts present): it is part of every lookup, so keep it a few attribute reads — a ``Structure`` lets
     ``step`` check it in C++.
 
-    ``step(owner_object, source, mode)`` is an engine seam's common step: True when it launched the refresh
-    bound for (that destination object — or that tuple or list of them, as ``refresh`` took them with a tuple
-    ``owner`` —, mode, source structure) with the default dispatcher; False when the
-    caller must take the step (``refresh``: bind, raise, or hand it to the engine) — also while ``step_var`` (a
-    ContextVar) holds anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is
-    one C call: lookup, structure check, source reads and checks, launch."""
+    ``step(owner_object, source, mode)`` is an engine seam's common step: True when it launched the refresh the
+    default dispatcher bound for that destination object (or that sequence of them, bound by ``refresh`` with a
+    tuple ``owner``), that mode and the source's structure; False when the caller must take the step
+    (``refresh``: bind, raise, or hand it to the engine), and always while ``step_var`` (a ContextVar) holds
+    anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is one C call:
+    lookup, structure check, source reads and checks, launch."""
 
     def __init__(self, name: str, copies: CopyList, structure: Structure | Callable[[object], tuple], *,
                  step_var: contextvars.ContextVar | None = None):
