@@ -6,11 +6,12 @@ a "+" row minus the row above it is what that layer adds. Floors come from ``cop
 torch's inline-extension bindings, the same parsing 6 tensors, an empty kernel launched with 8 B to 2 KiB of
 parameters). The copytune rows go from the bare C++ launch of the bound winner up to the public call, for the NSA
 decode refresh (page-table width growing every step, as in decoding) and for the generic ``batched_copy`` /
-``BoundCopy.run`` paths. The last table is GPU time alone (CUDA-graph replay): launch floors, and the 4 MiB page
-table with 16-, 4- and 8-byte units (1024, 1025, 1026 columns) for every tile shape.
+``BoundCopy.run`` paths. The last table is GPU time alone (CUDA-graph replay): launch floors, and page tables
+(``--gpu-sizes``; by default 2 MiB with 16-, 4- and 8-byte units: 1024, 1025, 1026 columns) for every tile shape
+beside torch's ``copy_`` of the same, with the bandwidth each gets.
 
 Usage: python benchmarks/bench_breakdown.py [--bs 32,256] [--max-len 128,2048,8192] [--only generic,multi]
-       [--backends 3,4] [--out FILE.json]
+       [--backends 3,4] [--gpu-sizes 512x1024,1024x8193] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -130,20 +131,27 @@ def multi_rows(bs: int, max_len: int, backends: int) -> list[tuple[str, float]]:
     return out
 
 
-def gpu_rows(ref) -> list[tuple[str, float]]:
-    """GPU µs (graph replay) of the launch floors and of the page-table copy alone, aligned and not."""
+def gpu_rows(ref, sizes: list[tuple[int, int]]) -> list[tuple[str, float]]:
+    """GPU µs (graph replay) of the launch floors and of a page-table copy alone (rows x columns int32 into a
+    wider buffer, each width as given: aligned, or rows only 4- or 8-byte aligned), for every tile shape, beside
+    torch's own ``copy_`` of it (the bandwidth any kernel gets on this card) and the GB/s each moves."""
     rows = [] if ref is None else \
         [(f"empty kernel, {b} B params", _graph_us(lambda i, b=b: ref.empty_launch(b))) for b in (8, 512, 2048)]
     strategy = copytune.get_strategy("cuda_ext")
-    for cols in (1024, 1025, 1026):  # 4100- and 4104-byte source rows: only 4- and 8-byte aligned
-        dst = torch.empty(512, 1100, dtype=torch.int32, device="cuda")[:, :cols]
-        src = torch.randint(0, 1 << 30, (512, cols), dtype=torch.int32, device="cuda")
+    for n, cols in sizes:
+        width = -(-(cols + 64) // 4) * 4  # the buffer's rows 16-byte aligned, as the engine's are
+        dst = torch.empty(n, width, dtype=torch.int32, device="cuda")[:, :cols]
+        src = torch.randint(0, 1 << 30, (n, cols), dtype=torch.int32, device="cuda")
+        moved = 2 * src.numel() * 4  # bytes read and written
+        us = _graph_us(lambda i: dst.copy_(src))
+        rows.append((f"page table {n}x{cols} int32, torch copy_ ({moved / us / 1e3:.0f} GB/s)", us))
         for unroll in cuda_ext.UNROLLS:
             launch = strategy.bind(copytune.CopyPlan.from_pairs([(src, dst)]), {"unroll": unroll})
             units = launch.batch.vector_bytes()  # store units per descriptor: a split adds a tail
             shape = f"{units[0]} B units" + (f" + {units[1]} B tail" if len(units) > 1 else "")
-            rows.append((f"page table 512x{cols} int32, unroll {unroll}, {shape}",
-                         _graph_us(lambda i, launch=launch: launch())))
+            us = _graph_us(lambda i, launch=launch: launch())
+            rows.append((f"page table {n}x{cols} int32, unroll {unroll}, {shape} ({moved / us / 1e3:.0f} GB/s)", us))
+            dst.fill_(-1)
             launch()
             torch.cuda.synchronize()
             assert torch.equal(dst, src), "cuda_ext copied wrong bytes"
@@ -156,6 +164,8 @@ def main() -> int:
     ap.add_argument("--max-len", default="2048", help="page-table columns, comma-separated")
     ap.add_argument("--only", default="nsa,generic,multi,gpu", help="sections: nsa, generic, multi, gpu")
     ap.add_argument("--backends", default="3,4", help="draft backends of the multi section")
+    ap.add_argument("--gpu-sizes", default="512x1024,512x1025,512x1026",
+                    help="page tables (rows x columns int32) of the GPU-time section")
     ap.add_argument("--out", default=None)
     ap.add_argument("--gpu-only", action="store_true", help="only the GPU-time table, without the reference module")
     args = ap.parse_args()
@@ -192,10 +202,10 @@ def main() -> int:
                 json.dump({"card": card, "torch": torch.__version__, "results": results}, f, indent=1)
     if "gpu" not in only:
         return 0
-    gpu = gpu_rows(ref)
-    print(f"\nGPU time alone (CUDA-graph replay)\n{'what':<52} {'µs':>7}")
+    gpu = gpu_rows(ref, [tuple(map(int, size.split("x"))) for size in args.gpu_sizes.split(",")])
+    print(f"\nGPU time alone (CUDA-graph replay)\n{'what':<72} {'µs':>7}")
     for name, us in gpu:
-        print(f"{name:<52} {us:7.2f}")
+        print(f"{name:<72} {us:7.2f}")
     results["GPU time alone"] = gpu
     if args.out:
         with open(args.out, "w") as f:
