@@ -1,7 +1,8 @@
-"""cuda_ext's launch planning, checked on any machine with nvcc (no GPU): the host-side ``plan_launch`` is compiled
-into a small program, and its descriptors are replayed here exactly as the kernel indexes memory, so every split
-into a 16-byte-store body loaded in pieces plus a narrow tail must move exactly the bytes of the copy, with every
-access aligned to its width (a misaligned vector access faults on the GPU)."""
+"""cuda_ext's launch planning, checked on any machine with nvcc (no GPU): the host-side ``LaunchPlan`` (what
+``BoundBatch`` launches) is compiled into a small program, and its descriptors are replayed here exactly as the
+kernel indexes memory, so every split into a 16-byte-store body loaded in pieces plus a narrow tail, every
+broadcast to several destinations and every source moved in place must move exactly the bytes of the copies, with
+every access aligned to its width (a misaligned vector access faults on the GPU)."""
 
 import random
 import subprocess
@@ -16,31 +17,43 @@ HARNESS = r"""
 #include "batched_copy.cuh"
 #include <cstdio>
 #include <vector>
-int main() {  // plans every launch of the batch as BoundBatch::plan does, prints each launch's descriptors
+// Reads steps of a batch: "count unroll", then per step `count` copies (6 values each). The first step is planned;
+// each later one patched in place where LaunchPlan::moved says it may (as BoundBatch does), else planned again.
+// Prints per step "moved|planned launches", then per launch "tiles count" and its descriptors.
+static bool read(std::vector<copytune::RawCopy>* raw) {
+  for (auto& r : *raw) {
+    long long v[6];
+    for (auto& x : v) if (scanf("%lld", &x) != 1) return false;
+    r = copytune::RawCopy{v[0], v[1], v[2], v[3], v[4], v[5]};
+  }
+  return true;
+}
+int main() {
   int count, unroll;
   if (scanf("%d %d", &count, &unroll) != 2) return 2;
-  std::vector<copytune::RawCopy> raw(count);
-  for (int i = 0; i < count; ++i) {
-    long long v[6];
-    for (auto& x : v) if (scanf("%lld", &x) != 1) return 2;
-    raw[i] = copytune::RawCopy{v[0], v[1], v[2], v[3], v[4], v[5]};
-  }
-  int done = 0;
-  while (done < count) {
-    copytune::Params p;
-    int planned = 0;
-    const long long tiles = copytune::plan_launch(raw.data() + done, count - done, unroll, &p, &planned);
-    if (planned < 1) return 3;
-    done += planned;
-    printf("%lld %d %d\n", tiles, p.count, planned);
-    for (int e = 0; e < p.count; ++e) {
-      const copytune::Copy& c = p.c[e];
-      printf("%lld %lld %lld %lld %lld %lld %lld %d %d", (long long)c.src, (long long)c.dst, (long long)c.n,
-             (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride, (long long)c.tile_begin,
-             c.vec_log2, c.load_log2);
-      for (int x = 0; x < c.extra_count; ++x) printf(" %lld", (long long)p.extra[c.extra_begin + x]);
-      printf("\n");
+  std::vector<copytune::RawCopy> planned(count), now(count);
+  if (!read(&planned)) return 2;
+  copytune::LaunchPlan plan;
+  plan.plan(planned, unroll);
+  bool moved = false;
+  while (true) {
+    printf("%s %zu\n", moved ? "moved" : "planned", plan.launches());
+    for (size_t k = 0; k < plan.launches(); ++k) {
+      const copytune::Params& p = plan.params(k);
+      printf("%lld %d\n", (long long)plan.tiles(k), p.count);
+      for (int e = 0; e < p.count; ++e) {
+        const copytune::Copy& c = p.c[e];
+        printf("%lld %lld %lld %lld %lld %lld %lld %d %d", (long long)c.src, (long long)c.dst, (long long)c.n,
+               (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride, (long long)c.tile_begin,
+               c.vec_log2, c.load_log2);
+        for (int x = 0; x < c.extra_count; ++x) printf(" %lld", (long long)p.extra[c.extra_begin + x]);
+        printf("\n");
+      }
     }
+    if (!read(&now)) return 0;
+    moved = plan.moved(planned, now);
+    if (moved) plan.move_sources(now); else plan.plan(now, unroll);
+    planned.swap(now);
   }
 }
 """
@@ -61,28 +74,41 @@ def harness(tmp_path_factory):
     return exe
 
 
-def launches(harness, raws, unroll):
-    """Every launch of the batch: (tiles, copies planned, descriptors), each descriptor (src, dst, n, cols,
-    src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations)."""
-    text = f"{len(raws)} {unroll}\n" + "\n".join(" ".join(map(str, r)) for r in raws) + "\n"
-    out = subprocess.run([str(harness)], input=text, capture_output=True, text=True, check=True).stdout.split("\n")
+def steps(harness, raw_steps, unroll):
+    """Every step of a batch whose copies change from step to step (the same count): per step, whether its plan
+    was patched in place ("moved") or made again ("planned"), and its launches (tiles, descriptors), each
+    descriptor (src, dst, n, cols, src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations)."""
+    text = f"{len(raw_steps[0])} {unroll}\n" + "\n".join(" ".join(map(str, r)) for raws in raw_steps for r in raws)
+    out = subprocess.run([str(harness)], input=text + "\n", capture_output=True, text=True,
+                         check=True).stdout.split("\n")
     result, k = [], 0
     while k < len(out) and out[k]:
-        tiles, count, planned = map(int, out[k].split())
-        entries = []
-        for line in out[k + 1:k + 1 + count]:
-            v = tuple(map(int, line.split()))
-            entries.append(v[:9] + (v[9:],))
-        assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
-        result.append((tiles, planned, entries))
-        k += 1 + count
-    assert sum(planned for _, planned, _ in result) == len(raws)
+        kind, count = out[k].split()
+        k += 1
+        launched = []
+        for _ in range(int(count)):
+            tiles, n = map(int, out[k].split())
+            entries = []
+            for line in out[k + 1:k + 1 + n]:
+                v = tuple(map(int, line.split()))
+                entries.append(v[:9] + (v[9:],))
+            assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
+            launched.append((tiles, entries))
+            k += 1 + n
+        result.append((kind, launched))
+    assert len(result) == len(raw_steps)
     return result
+
+
+def launches(harness, raws, unroll):
+    """Every launch of one batch: (tiles, descriptors)."""
+    (_, launched), = steps(harness, [raws], unroll)
+    return launched
 
 
 def plan(harness, raws, unroll):
     """The one launch of a batch that fits one: (tiles, descriptors)."""
-    (tiles, _, entries), = launches(harness, raws, unroll)
+    (tiles, entries), = launches(harness, raws, unroll)
     return tiles, entries
 
 
@@ -154,7 +180,7 @@ def test_planned_descriptors_move_exactly_the_bytes_with_aligned_accesses(harnes
     memory = np.frombuffer(rng.randbytes(count * room), dtype=np.uint8).copy()
     want = copy_bytes(raws, memory)
     unroll = rng.choice(cuda_ext.UNROLLS)
-    for tiles, _, entries in launches(harness, raws, unroll):
+    for tiles, entries in launches(harness, raws, unroll):
         replay(entries, memory, tiles, unroll)
     assert np.array_equal(memory, want)
 
@@ -191,8 +217,8 @@ def test_draft_backends_of_one_step_read_each_source_once(harness, backends):
     """N backends x 7 copies of 7 sources: one launch of 7 descriptors (8: the odd-width page table splits while
     the extras have room), each storing to all N destinations."""
     raws = nsa_step(backends)
-    (tiles, planned, entries), = launches(harness, raws, 4)
-    assert planned == len(raws) and len(entries) in (7, 8)
+    (tiles, entries), = launches(harness, raws, 4)
+    assert len(entries) in (7, 8)
     assert all(len(e[9]) == backends - 1 for e in entries)
     assert len(entries) == 8 or 8 * (backends - 1) > MAX_EXTRA  # split where the extras hold both parts
     low, high = min(min(r[0], r[1]) for r in raws), max(r[1] + r[2] * r[5] for r in raws)
@@ -208,10 +234,63 @@ def test_more_backends_than_a_launch_holds_take_further_launches(harness):
     """12 backends: 77 extra destinations past 64 - the copies that do not fit go into a second launch."""
     raws = nsa_step(12)
     plans = launches(harness, raws, 2)
-    assert len(plans) == 2 and plans[0][1] == 7 + MAX_EXTRA
+    assert len(plans) == 2 and sum(1 + len(e[9]) for e in plans[0][1]) == 7 + MAX_EXTRA
 
 
 def test_copies_of_one_source_with_other_row_strides_are_not_merged(harness):
     raws = [(1 << 20, 1 << 22, 4, 64, 64, 128), (1 << 20, 1 << 23, 4, 64, 64, 256)]
     _, entries = plan(harness, raws, 4)
     assert len(entries) == 2 and not entries[0][9] and not entries[1][9]
+
+
+def groups_of(raws) -> dict:
+    """Copy index -> its group's first copy, as plan_launch groups them: the same source bytes (address, rows, row
+    length, source stride) into destinations of the same row stride."""
+    first = {}
+    return {i: first.setdefault((r[0], r[2], r[3], r[4], r[5]), i) for i, r in enumerate(raws)}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sources_moved_in_place_keep_the_plan_only_where_it_still_holds(harness, seed):
+    """Steps of one batch whose sources move (as a serving loop's do): by whole 16 bytes with every group moving
+    together, the plan is patched in place; to another alignment, or a group's members apart, it is planned again.
+    Every step replayed: exactly the bytes of that step's copies."""
+    rng = random.Random(seed)
+    room = 1 << 17
+    count = rng.choice([3, 7, 20, 40, 90])
+    raws = []
+    for k in range(count):  # destinations 2 KiB further up than random_copy puts them: room to move the sources
+        src, dst, rows, row_bytes, src_stride, dst_stride = random_copy(rng, k * room + 64, room - 4096)
+        if raws and rng.random() < 0.5:  # an earlier copy's source, often of its shape too (a group)
+            src, _, rows, row_bytes, src_stride, other = rng.choice(raws)
+            dst_stride = other if rng.random() < 0.8 else dst_stride
+            if dst + 2048 + rows * max(dst_stride, row_bytes) >= k * room + room:
+                continue
+        raws.append((src, dst + 2048, rows, row_bytes, src_stride, dst_stride))
+    raw_steps, kinds, base = [raws], ["planned"], [r[0] for r in raws]
+    for step in range(6):
+        prev = raw_steps[-1]
+        shift = {b: 16 * rng.randrange(0, 60) for b in set(base)}  # from the first step's sources: < 1 KiB
+        now = [(b + shift[b],) + r[1:] for b, r in zip(base, raws)]
+        how = "together" if step == 0 else rng.choice(["together", "together", "realign", "apart"])
+        if how == "realign":
+            i = rng.randrange(len(now))
+            now = [(r[0] + 4,) + r[1:] if base[j] == base[i] else r for j, r in enumerate(now)]
+        if how == "apart":
+            i = rng.randrange(len(now))
+            now[i] = (now[i][0] + 16,) + now[i][1:]
+        groups = groups_of(prev)
+        delta = [n[0] - p[0] for n, p in zip(now, prev)]
+        kinds.append("moved" if all(d % 16 == 0 for d in delta) and all(
+            delta[i] == delta[g] for i, g in groups.items()) else "planned")
+        raw_steps.append(now)
+    unroll = rng.choice(cuda_ext.UNROLLS)
+    got = steps(harness, raw_steps, unroll)
+    assert [kind for kind, _ in got] == kinds
+    for (kind, launched), step_raws in zip(got, raw_steps):
+        memory = np.frombuffer(rng.randbytes(len(raws) * room), dtype=np.uint8).copy()
+        want = copy_bytes(step_raws, memory)
+        for tiles, entries in launched:
+            replay(entries, memory, tiles, unroll)
+        assert np.array_equal(memory, want), kind
+    assert kinds[1] == "moved"  # the patch path is exercised in every case

@@ -2,7 +2,10 @@
 // with plain nvcc, which is how CI checks it on machines without a GPU).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
+
 #include <cuda_runtime.h>
 
 namespace copytune {
@@ -60,5 +63,39 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
 
 // Launch one chunk planned with the same `unroll`. Returns the launch's cudaError_t.
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream);
+
+// A batch's launches (host side): its copies planned into as many parameter structs as they need, and where each
+// descriptor's source comes from, so that a call whose sources only moved patches addresses instead of planning
+// again. The structs are kept and only grow: a step allocates nothing once the batch has run.
+class LaunchPlan {
+ public:
+  // Plan `raw` (every copy of the batch, in order) for tiles of kThreads * unroll units. May throw bad_alloc;
+  // then nothing of a half-made plan is kept (launches() is 0 and moved() answers false).
+  void plan(const std::vector<RawCopy>& raw, int unroll);
+
+  // Whether `now` differs from `planned` (the copies of the last plan()) only in source addresses that keep the
+  // plan: the same shapes, the same alignment (mod 16 bytes, the widest unit), and every group's members moved
+  // together (still one source). Sources that come to coincide keep their separate descriptors (same bytes).
+  bool moved(const std::vector<RawCopy>& planned, const std::vector<RawCopy>& now) const;
+
+  // After moved() said so: each descriptor reads its group leader's source in `now`.
+  void move_sources(const std::vector<RawCopy>& now);
+
+  size_t launches() const { return chunks_; }
+  const Params& params(size_t k) const { return params_[k]; }
+  int64_t tiles(size_t k) const { return tiles_[k]; }
+
+ private:
+  struct Map {  // where each descriptor's source comes from: now[desc_leader].src + src_offset
+    int desc_leader[kMaxCopies];
+    int64_t src_offset[kMaxCopies];
+  };
+  std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
+  std::vector<int64_t> tiles_;
+  std::vector<Map> map_;
+  std::vector<size_t> group_leader_;  // copy i reads the source of copy group_leader_[i]
+  std::vector<size_t> scratch_;       // the next plan's group_leader_ while it is made
+  size_t chunks_ = 0;
+};
 
 }  // namespace copytune

@@ -216,6 +216,57 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
   return tiles;
 }
 
+void LaunchPlan::plan(const std::vector<RawCopy>& raw, int unroll) {
+  chunks_ = 0;
+  group_leader_.clear();
+  std::vector<size_t>& leaders_of = scratch_;  // reused: a plan per step (a page table one column wider)
+  leaders_of.resize(raw.size());              // allocates nothing once grown
+  size_t done = 0, chunks = 0;
+  while (done < raw.size()) {
+    if (chunks == params_.size()) {
+      params_.emplace_back();
+      tiles_.push_back(0);
+      map_.emplace_back();
+    }
+    int planned = 0;
+    int leaders[kMaxCopies + kMaxExtra];
+    Map& m = map_[chunks];
+    const int count = static_cast<int>(raw.size() - done < (size_t(1) << 20) ? raw.size() - done : size_t(1) << 20);
+    tiles_[chunks] = plan_launch(raw.data() + done, count, unroll, &params_[chunks], &planned, leaders,
+                                 m.desc_leader);
+    for (int j = 0; j < planned; ++j) leaders_of[done + j] = done + leaders[j];
+    for (int d = 0; d < params_[chunks].count; ++d) {
+      m.desc_leader[d] += static_cast<int>(done);
+      m.src_offset[d] = params_[chunks].c[d].src - raw[m.desc_leader[d]].src;  // a tail's: its body's bytes
+    }
+    done += static_cast<size_t>(planned);
+    ++chunks;
+  }
+  group_leader_.swap(scratch_);  // only a whole plan is ever patched
+  chunks_ = chunks;
+}
+
+bool LaunchPlan::moved(const std::vector<RawCopy>& planned, const std::vector<RawCopy>& now) const {
+  if (group_leader_.size() != planned.size() || now.size() != planned.size()) return false;
+  for (size_t i = 0; i < planned.size(); ++i) {
+    const RawCopy &a = now[i], &b = planned[i];
+    if (a.dst != b.dst || a.rows != b.rows || a.row_bytes != b.row_bytes || a.src_stride != b.src_stride ||
+        a.dst_stride != b.dst_stride || ((a.src ^ b.src) & 15)) {
+      return false;
+    }
+    const size_t l = group_leader_[i];
+    if (now[l].src - planned[l].src != a.src - b.src) return false;
+  }
+  return true;
+}
+
+void LaunchPlan::move_sources(const std::vector<RawCopy>& now) {
+  for (size_t k = 0; k < chunks_; ++k) {
+    const Map& m = map_[k];
+    for (int d = 0; d < params_[k].count; ++d) params_[k].c[d].src = now[m.desc_leader[d]].src + m.src_offset[d];
+  }
+}
+
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
   if (tiles == 0) return cudaSuccess;
   if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies

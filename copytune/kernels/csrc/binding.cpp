@@ -319,18 +319,22 @@ class BoundBatch {
 
   std::vector<int64_t> vector_bytes() const {
     std::vector<int64_t> out;
-    for (size_t k = 0; k < chunks_; ++k)
-      for (int j = 0; j < params_[k].count; ++j) out.push_back(int64_t(1) << params_[k].c[j].vec_log2);
+    for (size_t k = 0; k < plan_.launches(); ++k)
+      for (int j = 0; j < plan_.params(k).count; ++j) out.push_back(int64_t(1) << plan_.params(k).c[j].vec_log2);
     return out;
   }
 
-  std::vector<int64_t> tiles() const { return {tiles_.begin(), tiles_.begin() + chunks_}; }
+  std::vector<int64_t> tiles() const {
+    std::vector<int64_t> out;
+    for (size_t k = 0; k < plan_.launches(); ++k) out.push_back(plan_.tiles(k));
+    return out;
+  }
 
   // Destinations per descriptor (1 + its broadcast extras), launch by launch: what the plan made of the batch.
   std::vector<int64_t> destinations() const {
     std::vector<int64_t> out;
-    for (size_t k = 0; k < chunks_; ++k)
-      for (int j = 0; j < params_[k].count; ++j) out.push_back(1 + params_[k].c[j].extra_count);
+    for (size_t k = 0; k < plan_.launches(); ++k)
+      for (int j = 0; j < plan_.params(k).count; ++j) out.push_back(1 + plan_.params(k).c[j].extra_count);
     return out;
   }
   int64_t unroll() const { return unroll_; }
@@ -395,14 +399,11 @@ class BoundBatch {
   }
 
   std::string commit_and_launch() {
-    const bool moved_only = sources_moved_only();
+    const bool moved_only = plan_.moved(raw_, pending_);
     raw_.swap(pending_);  // all sources passed: take them together (no allocation: the buffers trade places)
     rebound_ = true;      // for this call only: run() goes back to bound_
     if (moved_only) {
-      for (size_t k = 0; k < chunks_; ++k) {  // the plan stands: each descriptor reads its leader's new source
-        Chunk& m = map_[k];
-        for (int d = 0; d < params_[k].count; ++d) params_[k].c[d].src = raw_[m.desc_leader[d]].src + m.src_offset[d];
-      }
+      plan_.move_sources(raw_);  // the plan stands: each descriptor reads its group leader's new source
     } else {
       const std::string err = replan();  // widths, splits or groups may differ (grouping: O(copies x groups))
       if (!err.empty()) return err;
@@ -417,26 +418,9 @@ class BoundBatch {
       plan();
       return "";
     } catch (const std::exception& e) {
-      chunks_ = 0;
-      group_leader_.clear();
       rebound_ = true;
       return std::string("cuda_ext: ") + first_line(e.what());
     }
-  }
-
-  // Whether pending_ differs from raw_ only in source addresses that keep the plan: the same shapes, the same
-  // alignment (mod 16 bytes, the widest unit), and every group's members moved together (still one source).
-  bool sources_moved_only() const {
-    if (group_leader_.size() != raw_.size()) return false;
-    for (size_t i = 0; i < raw_.size(); ++i) {
-      const RawCopy &a = pending_[i], &b = raw_[i];
-      if (a.rows != b.rows || a.row_bytes != b.row_bytes || a.src_stride != b.src_stride || ((a.src ^ b.src) & 15)) {
-        return false;
-      }
-      const size_t l = group_leader_[i];
-      if (pending_[l].src - raw_[l].src != a.src - b.src) return false;
-    }
-    return true;
   }
 
   // "[a, b]" by hand: c10::str (an ostringstream across the libtorch boundary) crashed this module on the H200
@@ -482,42 +466,15 @@ class BoundBatch {
     return s.substr(0, s.find('\n'));
   }
 
-  // The launches of raw_: as many copies per launch as one parameter struct holds (copies of one source count
-  // once, see plan_launch), in order. A call's sources may group differently from the last call's: the structs
-  // are kept and only grow, so a step allocates nothing once the batch has run.
-  void plan() {
-    size_t done = 0;
-    chunks_ = 0;
-    group_leader_.resize(raw_.size());
-    while (done < raw_.size()) {
-      if (chunks_ == params_.size()) {
-        params_.emplace_back();
-        tiles_.push_back(0);
-        map_.emplace_back();
-      }
-      int planned = 0;
-      int leaders[kMaxCopies + kMaxExtra];
-      Chunk& m = map_[chunks_];
-      const int count = static_cast<int>(std::min<size_t>(raw_.size() - done, 1 << 20));
-      tiles_[chunks_] = plan_launch(raw_.data() + done, count, unroll_, &params_[chunks_], &planned, leaders,
-                                    m.desc_leader);
-      for (int j = 0; j < planned; ++j) group_leader_[done + j] = done + leaders[j];
-      for (int d = 0; d < params_[chunks_].count; ++d) {
-        m.desc_leader[d] += static_cast<int>(done);
-        m.src_offset[d] = params_[chunks_].c[d].src - raw_[m.desc_leader[d]].src;  // a tail's: its body's bytes
-      }
-      done += static_cast<size_t>(planned);
-      ++chunks_;
-    }
-  }
+  void plan() { plan_.plan(raw_, unroll_); }
 
   std::string launch() {
     try {
       c10::cuda::OptionalCUDAGuard guard;
       if (c10::cuda::current_device() != device_) guard.set_index(device_);
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
-      for (size_t k = 0; k < chunks_; ++k) {
-        const cudaError_t err = launch_batched_copy(params_[k], tiles_[k], unroll_, stream);
+      for (size_t k = 0; k < plan_.launches(); ++k) {
+        const cudaError_t err = launch_batched_copy(plan_.params(k), plan_.tiles(k), unroll_, stream);
         if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
       }
     } catch (const std::exception& e) {
@@ -551,15 +508,7 @@ class BoundBatch {
   std::vector<pybind11::object> read_;                 // a call's distinct sources while they are checked
   std::vector<int> shared_;                            // find_shared(); empty: to be found again
   bool busy_ = false;                                  // inside run_attrs
-  std::vector<Params> params_;  // one per launch; only the first chunks_ are this batch's
-  std::vector<int64_t> tiles_;
-  size_t chunks_ = 0;
-  struct Chunk {  // where each descriptor's source comes from: raw_[desc_leader].src + src_offset
-    int desc_leader[kMaxCopies];
-    int64_t src_offset[kMaxCopies];
-  };
-  std::vector<Chunk> map_;            // one per launch, beside params_
-  std::vector<size_t> group_leader_;  // raw copy i reads the source of raw copy group_leader_[i] (plan())
+  LaunchPlan plan_;  // raw_'s launches
 };
 
 // The unbound call at the floor: batched_copy(pairs) whose every pair has the addresses, dtype, device, sizes and
