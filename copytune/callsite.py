@@ -55,11 +55,13 @@ class Structure:
 
     def __init__(self, values: Sequence[str] = (), present: Sequence[str] = ()):
         self.values, self.present = tuple(values), tuple(present)
-        for name in self.values + self.present:  # plain names: the key is made from them, C++ reads them as one
-            if not name.isidentifier() or keyword.iskeyword(name):
+        for name in self.values + self.present:  # plain ASCII names: the key is made from them (Python would
+            # normalise other identifiers, C++ reads the name as written)
+            if not (name.isascii() and name.isidentifier()) or keyword.iskeyword(name):
                 raise ValueError(f"not an attribute name: {name!r}")
         items = [f"s.{a}" for a in self.values] + [f"s.{a} is None" for a in self.present]
-        self.key: Callable[[object], tuple] = eval(f"lambda s: ({', '.join(items)},)")  # noqa: S307 - names checked
+        body = f"({', '.join(items)},)" if items else "()"
+        self.key: Callable[[object], tuple] = eval(f"lambda s: {body}")  # noqa: S307 - names checked above
 
     def __call__(self, source) -> tuple:
         return self.key(source)
@@ -70,8 +72,8 @@ class _Binding:
     grows), so they are followed in place instead of being part of the key. Holds no reference to any step's
     sources: a 160k-token page table per captured batch size would otherwise stay pinned on the GPU."""
 
-    __slots__ = ("bound", "expected", "from_object", "get_sources", "getters", "key", "launch", "n_copies", "shapes",
-                 "widths")
+    __slots__ = ("bound", "expected", "from_object", "get_sources", "getters", "key", "launch", "n_copies", "seam",
+                 "shapes", "widths")
 
     def __init__(self, copies: list[Copy], source, dispatcher: Dispatcher):
         paths = [c.path for c in copies]
@@ -96,6 +98,7 @@ class _Binding:
         uniform = all(isinstance(p, str) for p in paths) or all(isinstance(p, int) for p in paths)
         self.from_object = self.bound.attribute_launcher(paths) if uniform and not self.widths and \
             self.expected is None else None
+        self.seam = False  # the seam's step may serve it (the default dispatcher's; its own destination objects)
         self.bound.forget_sources()
 
     def run(self, source) -> bool:
@@ -158,7 +161,8 @@ class CallSite:
     tuple ``owner``), that mode and the source's structure; False when the caller must take the step
     (``refresh``: bind, raise, or hand it to the engine), and always while ``step_var`` (a ContextVar) holds
     anything but None. Where the winner's strategy has a seam table (``cuda_ext``), ``step`` is one C call:
-    lookup, structure check, source reads and checks, launch."""
+    lookup, structure check, source reads and checks, launch — the attribute is replaced by the table's function
+    when the table is made (so read it per call; do not wrap it)."""
 
     def __init__(self, name: str, copies: CopyList, structure: Structure | Callable[[object], tuple], *,
                  step_var: contextvars.ContextVar | None = None):
@@ -174,12 +178,15 @@ class CallSite:
         self.step = self._step
 
     def _step(self, owner_object, source, mode) -> bool:
-        """``step`` without a seam table (the same lookup as ``refresh``)."""
+        """``step`` without a seam table: the same bindings, the same answers (never an exception)."""
         if self.step_var is not None and self.step_var.get() is not None:
             return False
         owner = tuple(map(id, owner_object)) if isinstance(owner_object, (list, tuple)) else id(owner_object)
-        binding = self.bindings.get((owner, mode, self.structure(source), None))
-        run = None if binding is None else binding.from_object
+        try:
+            binding = self.bindings.get((owner, mode, self.structure(source), None))
+        except (AttributeError, TypeError):  # a source without the structure's attributes: the caller's to take
+            return False
+        run = None if binding is None or not binding.seam else binding.from_object
         return run is not None and not run(source)
 
     def refresh(self, targets: Sequence[object], owner, source, mode, dispatcher: Dispatcher | None = None) -> None:
@@ -244,6 +251,7 @@ class CallSite:
         if dispatcher.generation != generation:  # a winner was adopted while this bound: it may be stale
             self._drop(key)  # this step runs it; the next binds again
         elif key[3] is None and (isinstance(owner, tuple) or len(targets) == 1):  # the seam's step serves it
+            entry.seam = True
             self._offer(key, tuple(targets) if isinstance(owner, tuple) else targets[0], mode, source, entry)
         if not entry.run(source):
             raise RuntimeError(f"copytune: a fresh {self.name} binding could not run the step it was bound for")

@@ -218,7 +218,8 @@ def batched_copy_metadata_multi(metadatas: Sequence, precomputed, forward_mode="
     """Refresh several backends' buffers (one per draft step) from one precomputed set in one launch, each
     source read once for all of them; the engine's own fused kernel takes three backends and loops over the rest.
     """
-    if dispatcher is None and _SITE.step(metadatas, precomputed, forward_mode):  # bound: one C call (cuda_ext)
+    # bound, outside an engine's multi-step replay: one C call (cuda_ext); inside one (_serve) the step declines
+    if dispatcher is None and _SITE.step(metadatas, precomputed, forward_mode):
         return
     _SITE.refresh(metadatas, tuple(map(id, metadatas)), precomputed, forward_mode, dispatcher)
 

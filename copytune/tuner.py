@@ -41,6 +41,9 @@ BASELINE = "torch_per_copy"
 # just before the graph replays, so their GPU time is on the step's critical path: among those close candidates,
 # the least GPU time wins. (A 5% band let the noise pick the unroll: 3.45 µs of GPU time where 2.04 was there.)
 EAGER_TIE = 0.10
+# ... and every parameter set of the eager winner's strategy up to this many times its wall time (one CPU path: their
+# wall times differ by GPU time and noise; further off is a real cost, and a strategy with many sets tunes longer)
+SIBLING_SPREAD = 1.5
 # Checked launches before timing (rotating over the source sets, destinations poisoned each time), plus one round
 # after it: a candidate wrong 1 call in 4 won 4-5 of 12 tunes with 3 checks, one wrong from its 4th call on won
 # and then copied wrong bytes every call.
@@ -306,7 +309,8 @@ def _least_gpu_time(best: Timing, ok: list[Timing], steps: dict, run: _Limited, 
     wall times differ only by GPU time (where it shows) and noise: on an H100 the eager medians of cuda_ext's
     unrolls fell more than 10% apart by noise alone and left a target-verify refresh at 3.51 µs of GPU time
     where its siblings took 2.0-2.4."""
-    close = [t for t in ok if t.time_us <= best.time_us * (1 + EAGER_TIE) or t.strategy == best.strategy]
+    close = [t for t in ok if t.time_us <= best.time_us * (1 + EAGER_TIE) or
+             (t.strategy == best.strategy and t.time_us <= best.time_us * SIBLING_SPREAD)]
     if len(close) < 2:
         return best
     for t in close:  # a launch that cannot be captured keeps no GPU time: wall time decides for it

@@ -23,8 +23,13 @@ class PySeamTable:
         self.entries, self.count = [], 0
 
     def structure(self, source):
-        return tuple(getattr(source, a) for a in self.values) + tuple(getattr(source, a) is None for a in
-                                                                      self.present)
+        """As C++ reads it: int values (anything else: no structure it serves), present or None; None if missing."""
+        try:
+            values = tuple(getattr(source, a) for a in self.values)
+            present = tuple(getattr(source, a) is None for a in self.present)
+        except AttributeError:
+            return None
+        return values + present if all(type(v) is int for v in values) else None
 
     @staticmethod
     def ids(owner):
@@ -50,8 +55,8 @@ class PySeamTable:
             if self.step_var is not None and self.step_var.get() is not None:
                 return False
             structure = self.structure(source)
-            hit = next((e[3] for e in self.entries if e[0] == self.ids(owner) and e[1] is mode and
-                        e[2] == structure), None)
+            hit = None if structure is None else next(
+                (e[3] for e in self.entries if e[0] == self.ids(owner) and e[1] is mode and e[2] == structure), None)
             if hit is None or hit(source):
                 return False
             self.count += 1
@@ -100,8 +105,23 @@ class SeamLaunch(BoundLaunch):
         return PySeamTable(step_var, values, present)
 
 
+class TablelessLaunch(SeamLaunch):
+    """The same launch from a strategy without a seam table: ``step`` stays the Python ``_step``."""
+
+    def seam_table(self, step_var, values, present):
+        return None
+
+
+class UncheckedLaunch(SeamLaunch):
+    """A launch that reads sources by attribute but does not check them itself."""
+
+    def expect_sources(self, samples):
+        return False
+
+
 class SeamFake:
     name, serves_cpu = "seam_fake", True
+    launch = SeamLaunch
 
     def available(self, device):
         return None
@@ -116,7 +136,7 @@ class SeamFake:
         return None
 
     def bind(self, plan, params=None):
-        return SeamLaunch(TORCH.bind(plan, params), plan)
+        return self.launch(TORCH.bind(plan, params), plan)
 
 
 @pytest.fixture
@@ -236,3 +256,87 @@ def test_a_winner_adopted_while_the_step_is_put_leaves_no_stale_entry(site_strat
 def test_a_structure_names_plain_attributes(name):
     with pytest.raises(ValueError, match="not an attribute name"):
         callsite.Structure(values=(name,))
+
+
+@pytest.fixture
+def cpu_site(tmp_path, monkeypatch):
+    """A fresh call site whose default dispatcher is pinned to the Python fakes (the launch class to choose)."""
+    fake = SeamFake()
+    monkeypatch.setitem(registry.strategies(), "seam_fake", fake)
+    monkeypatch.setattr("copytune.dispatch._default", {"eager": Dispatcher(tmp_path / "c.db", tune=False,
+                                                                           strategy="seam_fake")})
+    site = callsite.CallSite("test refresh", nsa._from_precomputed, nsa.PRECOMPUTED_STRUCTURE, step_var=nsa._step)
+    monkeypatch.setattr(nsa, "_SITE", site)
+    return site, fake
+
+
+def test_without_a_table_the_python_step_gives_the_same_answers(cpu_site):
+    site, fake = cpu_site
+    fake.launch = TablelessLaunch
+    md, pre = nsa.make_example(4, 40, 128)
+    site.refresh((md,), id(md), pre, "decode")
+    assert site.table is None and site.step == site._step
+    _, pre = nsa.make_example(4, 40, 128, seed=3)
+    want = clone(md)
+    nsa.reference_copy(want, pre)
+    assert site.step(md, pre, "decode")
+    assert_same(md, want)
+    assert not site.step(md, pre, "target_verify")
+    token = nsa._step.set(object())
+    try:
+        assert not site.step(md, pre, "decode")
+    finally:
+        nsa._step.reset(token)
+    assert not site.step(md, object(), "decode")  # a source without the structure's attributes: False, no raise
+    a, b = nsa.make_example(4, 40, 128, seed=5)[0], nsa.make_example(4, 40, 128, seed=6)[0]
+    site.refresh((a, b), id(a), pre, "decode")  # two targets under one object's id: never a step of `a` alone
+    assert not site.step(a, pre, "decode")
+
+
+def test_the_patched_seam_counts_each_step_it_serves_once(cpu_site):
+    site, _ = cpu_site
+
+    class Backend:
+        def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+            raise AssertionError("the engine's own copies ran")
+
+    md, pre = nsa.make_example(4, 40, 128)
+    assert nsa.install(Backend)
+    try:
+        served = nsa.stats().served
+        for k in range(4):
+            _, pre = nsa.make_example(4, 40, 128, seed=k)
+            Backend()._copy_base_replay_buffers(4, md, pre, "decode")
+        assert site.table.served() == 3  # the first step bound, the others were the table's
+        assert nsa.stats().served - served == 4
+    finally:
+        nsa.uninstall()
+
+
+def test_a_call_with_its_own_dispatcher_never_takes_the_default_step(cpu_site, tmp_path, monkeypatch):
+    site, _ = cpu_site
+    mds = [nsa.make_example(4, 40, 128, seed=s)[0] for s in (1, 2)]
+    _, pre = nsa.make_example(4, 40, 128)
+    nsa.batched_copy_metadata_multi(mds, pre)  # the default dispatcher's binding, in the table
+    assert site.table.size() == 1
+    monkeypatch.setattr(site, "step", lambda *a: pytest.fail("the default dispatcher's step served another's call"))
+    nsa.batched_copy_metadata_multi(mds, pre, dispatcher=Dispatcher(tmp_path / "o.db", tune=False))
+
+
+def test_a_source_refused_by_the_bound_step_raises_and_writes_nothing(cpu_site):
+    site, _ = cpu_site
+    md, pre = nsa.make_example(4, 40, 128)
+    site.refresh((md,), id(md), pre, "decode")
+    _, other = nsa.make_example(4, 41, 128, seed=2)  # the same structure, a page table one column wider
+    before = clone(md)
+    with pytest.raises((ValueError, RuntimeError), match="another geometry"):
+        site.refresh((md,), id(md), other, "decode")
+    assert_same(md, before)
+
+
+def test_a_launch_that_does_not_check_its_sources_gets_no_attribute_step(cpu_site):
+    site, fake = cpu_site
+    fake.launch = UncheckedLaunch
+    md, pre = nsa.make_example(4, 40, 128)
+    site.refresh((md,), id(md), pre, "decode")
+    assert site.binding(id(md)).from_object is None and not site.step(md, pre, "decode")

@@ -245,8 +245,8 @@ def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device
 
 
 def test_seam_hot_path_is_one_lookup_and_the_key_matches_the_call_site(tmp_path, device, monkeypatch):
-    """The patched seam builds the binding key inline: after the first step binds, later steps of the same
-    structure never reach CallSite.refresh (which would mean the inline key and refresh's key disagree)."""
+    """The patched seam's common step is CallSite.step: after the first step binds, later steps of the same
+    structure never reach CallSite.refresh (which would mean step's key and refresh's key disagree)."""
     class Backend:
         def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
             raise AssertionError("the engine's own copies ran")
