@@ -340,3 +340,28 @@ def test_a_launch_that_does_not_check_its_sources_gets_no_attribute_step(cpu_sit
     md, pre = nsa.make_example(4, 40, 128)
     site.refresh((md,), id(md), pre, "decode")
     assert site.binding(id(md)).from_object is None and not site.step(md, pre, "decode")
+
+
+def test_a_binding_evicted_or_bound_across_a_new_winner_is_never_the_step(cpu_site, monkeypatch):
+    """Bindings leave the table however the call site drops them: evicted past BINDINGS_PER_OWNER, or bound while a
+    winner was adopted (the dispatcher's generation moved: the binding runs its step once and is dropped)."""
+    site, _ = cpu_site
+    monkeypatch.setattr(callsite, "BINDINGS_PER_OWNER", 2)
+    md = nsa.make_example(4, 40, 128, flashmla=True)[0]
+    pres = [nsa.make_example(4, 40, 128, flashmla=flash, seed=k)[1] for k, flash in enumerate((True, False, True))]
+    pres[2].real_page_table = None  # three structures of one destination object
+    for pre in pres:
+        site.refresh((md,), id(md), pre, "decode")
+    assert not site.step(md, pres[0], "decode")  # the oldest, evicted
+    assert site.step(md, pres[1], "decode") and site.step(md, pres[2], "decode")
+    d = nsa.default_dispatcher("eager")
+    bind = callsite._Binding
+
+    class Adopting(bind):  # a winner adopted on the tuning thread while this one was bound
+        def __init__(self, *args):
+            super().__init__(*args)
+            d.generation += 1
+    monkeypatch.setattr(callsite, "_Binding", Adopting)
+    site.refresh((md,), id(md), pres[0], "decode")  # runs once, kept nowhere (and evicts pres[1]'s)
+    assert not site.step(md, pres[0], "decode") and not site.step(md, pres[1], "decode")
+    assert site.step(md, pres[2], "decode") and site.table.size() == 1

@@ -145,6 +145,24 @@ def test_bench_times_every_strategy_when_the_tuners_timings_did_not_repeat(tmp_p
     assert "torch_per_copy" in result.output and "torch_foreach" in result.output
 
 
+def test_bench_never_times_a_candidate_that_failed_its_check(monkeypatch):
+    """A strategy whose candidate the tuner excluded (wrong bytes after timing, say) has a reason, not a row."""
+    from copytune import CopyPlan, benchmark, tuner
+
+    real = tuner.tune
+
+    def one_excluded(*args, **kwargs):
+        result = real(*args, **kwargs)
+        for t in result.timings:
+            if t.strategy == "torch_foreach":
+                t.reason = "wrong bytes in pair 0 after timing"
+        return result
+    plan = CopyPlan.from_pairs([(torch.arange(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32))])
+    monkeypatch.setattr(tuner, "tune", one_excluded)
+    steps, notes = benchmark.strategy_steps(plan, torch.device("cpu"), "eager")
+    assert "torch_foreach" not in steps and "wrong bytes" in notes["torch_foreach"] and "torch_per_copy" in steps
+
+
 def test_bench_plot_without_matplotlib_is_one_line_before_measuring(tmp_path, monkeypatch):
     import sys
 
