@@ -350,3 +350,27 @@ def test_a_page_table_view_is_never_written_past_its_columns(tmp_path, device):
         batched_copy_metadata(narrow, wide, dispatcher=d)
     sync(device)
     assert torch.equal(md.page_table_1._base, before)
+
+
+def test_the_multi_backend_kernel_is_taken_only_with_the_steps_own_buffers():
+    """Inside a multi-step replay the engine's 3-backend kernel is replaced only when its destinations are the
+    step's first three backends' (each checked): a call with another buffer in any slot goes to the engine."""
+    from types import SimpleNamespace
+
+    mds = [make_example(4, 40, 128, seed=k)[0] for k in range(3)]
+    backends = [SimpleNamespace(decode_cuda_graph_metadata={4: md}) for md in mds]
+    calls = []
+    patched = nsa._patch_multi_kernel(None, lambda *a, **k: calls.append(a))
+    reason = "multi-backend kernel called outside a multi-step replay"
+    for slot in range(3):
+        args = [None] * nsa.MULTI_ARGS
+        for k in range(3):
+            args[8 + 8 * k] = mds[k].cache_seqlens_int32 if k != slot else mds[k].cache_seqlens_int32.clone()
+        args[nsa.MULTI_ARGS - 3] = 4
+        handed = nsa.stats().handed[reason]
+        token = nsa._step.set(nsa._Step(backends))
+        try:
+            patched(*args)
+        finally:
+            nsa._step.reset(token)
+        assert len(calls) == slot + 1 and nsa.stats().handed[reason] == handed + 1, slot
