@@ -193,15 +193,10 @@ class BoundBatch {
   // (on an H100 host those cost ~1.4 us of a ~7.8 us refresh).
   std::string set_source_attrs(const std::vector<std::string>& paths) {
     if (paths.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " names";
-    std::vector<std::vector<pybind11::object>> interned;
     std::vector<std::string> distinct;
-    std::vector<size_t> source_of;
-    for (const std::string& path : paths) {
-      // one read per distinct path: several draft backends copy the same source (N backends, one precomputed set)
-      const size_t j = std::find(distinct.begin(), distinct.end(), path) - distinct.begin();
-      source_of.push_back(j);
-      if (j < distinct.size()) continue;
-      distinct.push_back(path);
+    std::vector<size_t> source_of = index_distinct(paths, &distinct);
+    std::vector<std::vector<pybind11::object>> interned;
+    for (const std::string& path : distinct) {
       std::vector<pybind11::object> parts;
       size_t start = 0;
       while (true) {
@@ -219,11 +214,9 @@ class BoundBatch {
       interned.push_back(std::move(parts));
     }
     attrs_ = std::move(interned);
-    items_.clear();
     paths_ = std::move(distinct);
-    source_of_ = std::move(source_of);
-    shared_.clear();
-    read_.assign(attrs_.size(), pybind11::object());
+    items_.clear();
+    read_sources(std::move(source_of), attrs_.size());
     return "";
   }
 
@@ -231,21 +224,15 @@ class BoundBatch {
   // run_attrs then reads each distinct index once.
   std::string set_source_items(const std::vector<int64_t>& indices) {
     if (indices.size() != raw_.size()) return "cuda_ext: expected " + std::to_string(raw_.size()) + " indices";
-    std::vector<int64_t> distinct;
-    std::vector<size_t> source_of;
     for (int64_t index : indices) {
       if (index < 0) return "cuda_ext: negative source index " + std::to_string(index);
-      const size_t j = std::find(distinct.begin(), distinct.end(), index) - distinct.begin();
-      if (j == distinct.size()) distinct.push_back(index);
-      source_of.push_back(j);
     }
+    std::vector<int64_t> distinct;
+    std::vector<size_t> source_of = index_distinct(indices, &distinct);
     attrs_.clear();
     paths_.clear();
-    for (int64_t index : distinct) paths_.push_back("[" + std::to_string(index) + "]");
     items_ = std::move(distinct);
-    source_of_ = std::move(source_of);
-    shared_.clear();
-    read_.assign(items_.size(), pybind11::object());
+    read_sources(std::move(source_of), items_.size());
     return "";
   }
 
@@ -340,6 +327,26 @@ class BoundBatch {
   int64_t unroll() const { return unroll_; }
 
  private:
+  // `values` without repeats into `distinct` (first seen first); returns each value's index there. One read per
+  // distinct source: several draft backends copy the same one (N backends, one precomputed set).
+  template <typename T>
+  static std::vector<size_t> index_distinct(const std::vector<T>& values, std::vector<T>* distinct) {
+    std::vector<size_t> index_of;
+    for (const T& v : values) {
+      const size_t j = std::find(distinct->begin(), distinct->end(), v) - distinct->begin();
+      if (j == distinct->size()) distinct->push_back(v);
+      index_of.push_back(j);
+    }
+    return index_of;
+  }
+
+  // From now on copy i reads distinct source source_of[i] of `distinct` ones (run_attrs).
+  void read_sources(std::vector<size_t> source_of, size_t distinct) {
+    source_of_ = std::move(source_of);
+    shared_.clear();
+    read_.assign(distinct, pybind11::object());
+  }
+
   // shared_[i]: an earlier copy k whose source is the same object, taken the same way (offset, expectations,
   // followed width and rows), so copy i's source is copy k's: N draft backends check each source once. -1: its own.
   void find_shared() {
@@ -502,7 +509,7 @@ class BoundBatch {
   std::vector<Expect> expect_;  // what every new source must look like (empty: unchecked, legacy callers)
   std::vector<RawCopy> pending_;  // a call's sources while they are checked
   std::vector<std::vector<pybind11::object>> attrs_;  // interned attribute paths, one per distinct source
-  std::vector<std::string> paths_;                     // the same paths as given, for error messages
+  std::vector<std::string> paths_;                     // the distinct paths as given, for error messages
   std::vector<int64_t> items_;                         // or distinct indices into one tuple or list
   std::vector<size_t> source_of_;                      // copy i reads distinct source source_of_[i]
   std::vector<pybind11::object> read_;                 // a call's distinct sources while they are checked
@@ -794,16 +801,33 @@ class SeamTable {
 namespace fast {
 
 constexpr const char* kCapsule = "copytune.BoundBatch";
+constexpr const char* kCacheCapsule = "copytune.ExactCache";
+constexpr const char* kSeamCapsule = "copytune.SeamTable";
 
-struct Handle {
-  BoundBatch* batch;
-  PyObject* owner;  // the pybind11 object owning `batch`, kept alive by the capsule
-};
-
-BoundBatch* batch_of(PyObject* capsule) {
-  auto* h = static_cast<Handle*>(PyCapsule_GetPointer(capsule, kCapsule));
-  return h == nullptr ? nullptr : h->batch;
+void release_owner(PyObject* capsule) {
+  Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(capsule)));
 }
+
+// `def` as a plain CPython function bound to a capsule named `name` holding `ptr`, whose context keeps `owner` (the
+// pybind11 object that owns `ptr`) alive as long as the function lives; None where it cannot be made.
+pybind11::object bind_entry(PyMethodDef* def, void* ptr, const char* name, pybind11::handle owner) {
+  PyObject* capsule = PyCapsule_New(ptr, name, release_owner);
+  if (capsule == nullptr || PyCapsule_SetContext(capsule, owner.ptr()) != 0) {
+    PyErr_Clear();
+    Py_XDECREF(capsule);  // its context is not set: releases nothing
+    return pybind11::none();
+  }
+  Py_INCREF(owner.ptr());  // released with the capsule
+  PyObject* fn = PyCFunction_New(def, capsule);
+  Py_DECREF(capsule);  // the function holds it now
+  if (fn == nullptr) {
+    PyErr_Clear();
+    return pybind11::none();
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(fn);
+}
+
+BoundBatch* batch_of(PyObject* capsule) { return static_cast<BoundBatch*>(PyCapsule_GetPointer(capsule, kCapsule)); }
 
 PyObject* result(const std::string& err) {
   if (err.empty()) Py_RETURN_NONE;
@@ -829,113 +853,40 @@ PyMethodDef kRunAttrs = {"run_attrs", run_attrs, METH_O, "Launch with the source
 PyMethodDef kRunSequence = {"run_sequence", run_sequence, METH_O, "Launch with a list or tuple of sources."};
 PyMethodDef kRunChecked = {"run_checked", run_checked, METH_O, "Launch with checked sources (no overlap)."};
 
-void release(PyObject* capsule) {
-  auto* h = static_cast<Handle*>(PyCapsule_GetPointer(capsule, kCapsule));
-  if (h != nullptr) {
-    Py_DECREF(h->owner);
-    delete h;
-  }
-}
-
 // The METH_O function `which` bound to `self`; None where it cannot be made (the pybind11 methods remain).
 pybind11::object make(pybind11::object self, const std::string& which) {
   PyMethodDef* def = which == "run_attrs" ? &kRunAttrs : which == "run_sequence" ? &kRunSequence
                      : which == "run_checked" ? &kRunChecked : nullptr;
   BoundBatch* batch = pybind11::isinstance<BoundBatch>(self) ? self.cast<BoundBatch*>() : nullptr;
   if (def == nullptr || batch == nullptr) return pybind11::none();
-  auto* h = new Handle{batch, self.ptr()};
-  Py_INCREF(self.ptr());
-  PyObject* capsule = PyCapsule_New(h, kCapsule, release);
-  if (capsule == nullptr) {
-    PyErr_Clear();
-    Py_DECREF(self.ptr());
-    delete h;
-    return pybind11::none();
-  }
-  PyObject* fn = PyCFunction_New(def, capsule);
-  Py_DECREF(capsule);  // the function holds it now
-  if (fn == nullptr) {
-    PyErr_Clear();
-    return pybind11::none();
-  }
-  return pybind11::reinterpret_steal<pybind11::object>(fn);
+  return bind_entry(def, batch, kCapsule, self);
 }
 
-constexpr const char* kCacheCapsule = "copytune.ExactCache";
-
-struct CacheHandle {
-  ExactCache* cache;
-  PyObject* owner;
-};
-
 PyObject* cache_run(PyObject* capsule, PyObject* pairs) {
-  auto* h = static_cast<CacheHandle*>(PyCapsule_GetPointer(capsule, kCacheCapsule));
-  return h == nullptr ? nullptr : h->cache->run(pairs);
+  auto* cache = static_cast<ExactCache*>(PyCapsule_GetPointer(capsule, kCacheCapsule));
+  return cache == nullptr ? nullptr : cache->run(pairs);
 }
 
 PyMethodDef kCacheRun = {"run", cache_run, METH_O, "Launch a batch seen before: None, False (a miss) or an error."};
 
-void release_cache(PyObject* capsule) {
-  auto* h = static_cast<CacheHandle*>(PyCapsule_GetPointer(capsule, kCacheCapsule));
-  if (h != nullptr) {
-    Py_DECREF(h->owner);
-    delete h;
-  }
-}
-
 // The cache's run() as a METH_O function (what Dispatcher.copy calls first); None where it cannot be made.
 pybind11::object make_cache_run(pybind11::object self) {
   ExactCache* cache = pybind11::isinstance<ExactCache>(self) ? self.cast<ExactCache*>() : nullptr;
-  if (cache == nullptr) return pybind11::none();
-  auto* h = new CacheHandle{cache, self.ptr()};
-  Py_INCREF(self.ptr());
-  PyObject* capsule = PyCapsule_New(h, kCacheCapsule, release_cache);
-  if (capsule == nullptr) {
-    PyErr_Clear();
-    Py_DECREF(self.ptr());
-    delete h;
-    return pybind11::none();
-  }
-  PyObject* fn = PyCFunction_New(&kCacheRun, capsule);
-  Py_DECREF(capsule);
-  if (fn == nullptr) {
-    PyErr_Clear();
-    return pybind11::none();
-  }
-  return pybind11::reinterpret_steal<pybind11::object>(fn);
+  return cache == nullptr ? pybind11::none() : bind_entry(&kCacheRun, cache, kCacheCapsule, self);
 }
 
 PyObject* seam_run(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
-  auto* table = static_cast<SeamTable*>(PyCapsule_GetPointer(capsule, "copytune.SeamTable"));
+  auto* table = static_cast<SeamTable*>(PyCapsule_GetPointer(capsule, kSeamCapsule));
   return table == nullptr ? nullptr : table->run(args, nargs);
 }
 
 PyMethodDef kSeamRun = {"run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(seam_run)), METH_FASTCALL,
                         "(owner, source, mode): True when the bound step launched, else False."};
 
-void release_seam(PyObject* capsule) {
-  auto* owner = static_cast<PyObject*>(PyCapsule_GetContext(capsule));
-  Py_XDECREF(owner);
-}
-
 // The table's run() as a METH_FASTCALL function (what the engine seam calls first); None where it cannot be made.
 pybind11::object make_seam_run(pybind11::object self) {
   SeamTable* table = pybind11::isinstance<SeamTable>(self) ? self.cast<SeamTable*>() : nullptr;
-  if (table == nullptr) return pybind11::none();
-  PyObject* capsule = PyCapsule_New(table, "copytune.SeamTable", release_seam);
-  if (capsule == nullptr || PyCapsule_SetContext(capsule, self.ptr()) != 0) {
-    PyErr_Clear();
-    Py_XDECREF(capsule);
-    return pybind11::none();
-  }
-  Py_INCREF(self.ptr());  // released with the capsule
-  PyObject* fn = PyCFunction_New(&kSeamRun, capsule);
-  Py_DECREF(capsule);
-  if (fn == nullptr) {
-    PyErr_Clear();
-    return pybind11::none();
-  }
-  return pybind11::reinterpret_steal<pybind11::object>(fn);
+  return table == nullptr ? pybind11::none() : bind_entry(&kSeamRun, table, kSeamCapsule, self);
 }
 
 }  // namespace fast
