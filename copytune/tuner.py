@@ -304,11 +304,11 @@ def default_pool(device: torch.device) -> dict[str, Strategy]:
 
 
 def _least_gpu_time(best: Timing, ok: list[Timing], steps: dict, run: _Limited, timer: Timer, device) -> Timing:
-    """Among the candidates whose wall time is within EAGER_TIE of ``best``'s, and every other parameter set of
-    ``best``'s strategy, the one of least GPU time. One strategy's parameter sets share its CPU path, so their
-    wall times differ only by GPU time (where it shows) and noise: on an H100 the eager medians of cuda_ext's
-    unrolls fell more than 10% apart by noise alone and left a target-verify refresh at 3.51 µs of GPU time
-    where its siblings took 2.0-2.4."""
+    """Among the candidates whose wall time is within EAGER_TIE of ``best``'s, and the other parameter sets of
+    ``best``'s strategy within SIBLING_SPREAD of it, the one of least GPU time. One strategy's parameter sets share
+    its CPU path, so their wall times differ only by GPU time (where it shows) and noise: on an H100 the eager
+    medians of cuda_ext's unrolls fell more than 10% apart by noise alone and left a target-verify refresh at
+    3.51 µs of GPU time where its siblings took 2.0-2.4."""
     close = [t for t in ok if t.time_us <= best.time_us * (1 + EAGER_TIE) or
              (t.strategy == best.strategy and t.time_us <= best.time_us * SIBLING_SPREAD)]
     if len(close) < 2:
