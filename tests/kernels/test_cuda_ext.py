@@ -41,7 +41,7 @@ def test_kernel_compiles_without_spills_and_uses_16_byte_accesses(tmp_path):
     out = subprocess.run([NVCC, "-c", *arch, "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, check=True)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
-    assert len(spills) == len(cuda_ext.UNROLLS), out.stderr  # one kernel per tile shape
+    assert len(spills) == 2 * len(cuda_ext.UNROLLS), out.stderr  # per tile shape: 32- and 64-bit indices
     assert all(st == ld == "0" for st, ld in spills), out.stderr
     subprocess.run([NVCC, "-ptx", *arch, str(src), "-o", str(tmp_path / "k.ptx")], check=True)
     ptx = (tmp_path / "k.ptx").read_text()
@@ -120,6 +120,26 @@ def test_every_tile_shape_is_exact(built, unroll):
         launch()
         torch.cuda.synchronize()
         case.check(expected)
+
+
+@pytest.mark.cuda
+def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
+    """A copy whose destination rows lie 2^31 bytes apart (1-byte units: indices past 32 bits) beside a small one
+    in the same launch: both exact, nothing written between the rows."""
+    try:
+        big = torch.full((2**31 + 64,), 0x5A, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError:
+        pytest.skip("2 GiB of GPU memory not free")
+    dst = big.as_strided((2, 3), (2**31 + 7, 1), storage_offset=1)
+    src = torch.randint(0, 0x5A, (2, 3), dtype=torch.uint8, device="cuda")  # never the poison byte
+    small_src = torch.randint(-1000, 1000, (1000,), dtype=torch.int32, device="cuda")
+    small_dst = torch.full((1000,), -7, dtype=torch.int32, device="cuda")
+    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst), (small_src, small_dst)]), {"unroll": 4})
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(dst, src) and torch.equal(small_dst, small_src)
+    assert int((big != 0x5A).sum()) == 6  # the two rows of three bytes, no other byte
+    del big
 
 
 @pytest.mark.cuda

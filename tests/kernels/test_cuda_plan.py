@@ -43,9 +43,9 @@ int main() {
       printf("%lld %d\n", (long long)plan.tiles(k), p.count);
       for (int e = 0; e < p.count; ++e) {
         const copytune::Copy& c = p.c[e];
-        printf("%lld %lld %lld %lld %lld %lld %lld %d %d", (long long)c.src, (long long)c.dst, (long long)c.n,
-               (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride, (long long)c.tile_begin,
-               c.vec_log2, c.load_log2);
+        printf("%lld %lld %lld %lld %lld %lld %lld %d %d %u %d %d |", (long long)c.src, (long long)c.dst,
+               (long long)c.n, (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride,
+               (long long)c.tile_begin, c.vec_log2, c.load_log2, c.cols_mul, c.cols_shr, c.wide);
         for (int x = 0; x < c.extra_count; ++x) printf(" %lld", (long long)p.extra[c.extra_begin + x]);
         printf("\n");
       }
@@ -77,7 +77,8 @@ def harness(tmp_path_factory):
 def steps(harness, raw_steps, unroll):
     """Every step of a batch whose copies change from step to step (the same count): per step, whether its plan
     was patched in place ("moved") or made again ("planned"), and its launches (tiles, descriptors), each
-    descriptor (src, dst, n, cols, src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations)."""
+    descriptor (src, dst, n, cols, src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations,
+    (cols_mul, cols_shr, wide))."""
     text = f"{len(raw_steps[0])} {unroll}\n" + "\n".join(" ".join(map(str, r)) for raws in raw_steps for r in raws)
     out = subprocess.run([str(harness)], input=text + "\n", capture_output=True, text=True,
                          check=True).stdout.split("\n")
@@ -90,8 +91,9 @@ def steps(harness, raw_steps, unroll):
             tiles, n = map(int, out[k].split())
             entries = []
             for line in out[k + 1:k + 1 + n]:
-                v = tuple(map(int, line.split()))
-                entries.append(v[:9] + (v[9:],))
+                fields, extra = line.split("|")
+                v = tuple(map(int, fields.split()))
+                entries.append(v[:9] + (tuple(map(int, extra.split())), v[9:]))
             assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
             launched.append((tiles, entries))
             k += 1 + n
@@ -117,13 +119,18 @@ def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
     and to each extra one at the same offset."""
     tile_units = THREADS * unroll
     expect_begin = 0
-    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load, extra in entries:
+    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load, extra, (mul, shr, wide) in entries:
         assert tile_begin == expect_begin and load <= vec
         expect_begin += -(-n // tile_units)
         unit, piece = 1 << vec, 1 << load
         i = np.arange(n, dtype=np.int64)
+        reach = max(((n // cols - 1) * src_stride if cols != n else 0) + cols * (unit // piece),
+                    ((n // cols - 1) * dst_stride if cols != n else 0) + cols, n)
+        assert wide == (reach > 2**31 - 1), "index width"
         if cols != n:
-            r, col = np.divmod(i, cols)
+            r = i // cols if wide else fast_quotient(i, mul, shr)
+            col = i - r * cols
+            assert np.array_equal(r, i // cols), "row of a unit"
             src_at = src + (r * src_stride + col * (unit // piece)) * piece
             dst_at = (r * dst_stride + col) * unit
         else:
@@ -135,6 +142,13 @@ def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
             assert not ((base + dst_at) % unit).any(), "misaligned store"
             memory[(base + dst_at[:, None] + offsets).ravel()] = loaded
     assert expect_begin == tiles
+
+
+def fast_quotient(i: np.ndarray, mul: int, shr: int) -> np.ndarray:
+    """The kernel's 32-bit row index: umulhi(i, mul) >> shr (mul 0: the divisor is 1)."""
+    if mul == 0:
+        return i
+    return ((i.astype(np.uint64) * np.uint64(mul)) >> np.uint64(32 + shr)).astype(np.int64)
 
 
 def copy_bytes(raws, memory: np.ndarray) -> np.ndarray:
@@ -225,8 +239,8 @@ def test_draft_backends_of_one_step_read_each_source_once(harness, backends):
     memory = np.frombuffer(random.Random(backends).randbytes(high - low + 64), dtype=np.uint8).copy()
     shifted = [(s - low, d - low, *rest) for s, d, *rest in raws]
     want = copy_bytes(shifted, memory)
-    replay([(s - low, d - low, *mid, tuple(x - low for x in extra)) for s, d, *mid, extra in entries], memory,
-           tiles, 4)
+    replay([(s - low, d - low, *mid, tuple(x - low for x in extra), div) for s, d, *mid, extra, div in entries],
+           memory, tiles, 4)
     assert np.array_equal(memory, want)
 
 
@@ -294,3 +308,35 @@ def test_sources_moved_in_place_keep_the_plan_only_where_it_still_holds(harness,
             replay(entries, memory, tiles, unroll)
         assert np.array_equal(memory, want), kind
     assert kinds[1] == "moved"  # the patch path is exercised in every case
+
+
+@pytest.mark.parametrize("unit", [1, 4, 16])
+def test_row_index_division_is_exact_for_every_unit_up_to_the_32_bit_bound(harness, unit):
+    """The kernel divides a unit's index by the units per row with a multiply and a shift the host chose: exact
+    for every divisor the planner produces, at the largest indices the 32-bit path reaches (2^31 - 1)."""
+    rng = random.Random(unit)
+    widths = [1, 2, 3, 5, 7, 64, 255, 256, 257, 1025, 4097, 65535, 65537]
+    widths += [rng.randrange(2, 1 << 20) for _ in range(40)]
+    for cols in widths:
+        row_bytes = cols * unit
+        raws = [(0, 1 << 40, 3, row_bytes, row_bytes + unit, row_bytes + 16)]  # strided: rows, not one run
+        _, entries = plan(harness, raws, 1)
+        body = entries[0]
+        n, cols_units, (mul, shr, wide) = body[2], body[3], body[10]
+        assert not wide and cols_units != n
+        top = 2**31 - 1
+        i = np.unique(np.concatenate([np.arange(0, min(4 * cols_units, 1 << 16)),
+                                      np.array([rng.randrange(top) for _ in range(4000)]),
+                                      top - np.arange(0, min(2 * cols_units, 1 << 16)),
+                                      (top // cols_units - np.arange(0, 1000)) * cols_units - 1,  # row ends
+                                      (top // cols_units - np.arange(0, 1000)) * cols_units])).astype(np.int64)
+        i = i[(i >= 0) & (i <= top)]
+        assert np.array_equal(fast_quotient(i, mul, shr), i // cols_units), cols
+
+
+def test_indices_past_32_bits_take_the_64_bit_path(harness):
+    """A copy whose last row starts 2^31 units or more past its first is planned wide (64-bit indices)."""
+    (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 2**35, 16)], 1)
+    assert entries[0][10][2] == 1
+    (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 16, 32)], 1)
+    assert entries[0][10][2] == 0

@@ -35,18 +35,28 @@ struct Copy {
   int64_t cols;        // units per row
   int64_t src_stride;  // load pieces between source rows
   int64_t dst_stride;  // units between destination rows
-  int64_t tile_begin;  // first tile of this copy in the launch's flattened tile list
-  int16_t vec_log2;
-  int16_t load_log2;    // <= vec_log2
+  int32_t tile_begin;  // first tile of this copy in the launch's flattened tile list (the grid is < 2^31)
+  // Decided on the host, so that a thread's first instructions are loads: `cols` as a multiply-shift divisor for
+  // 32-bit indices (FastDivmod: i / cols == umulhi(i, cols_mul) >> cols_shr for every i < 2^31; cols_mul == 0
+  // means cols == 1), and whether indices need 64 bits (`wide`: 64-bit division is emulated, ~100 cycles a thread
+  // before its first load).
+  uint32_t cols_mul;
+  int8_t cols_shr;
+  int8_t wide;
+  int8_t vec_log2;
+  int8_t load_log2;     // <= vec_log2
   int16_t extra_begin;  // the same units are also stored at Params::extra[extra_begin, extra_begin + extra_count):
   int16_t extra_count;  // a broadcast, several copies of one source read once (draft backends of one step)
 };
+static_assert(sizeof(Copy) == 64, "a descriptor is one 64-byte line of the parameter space");
 
 struct Params {
   Copy c[kMaxCopies];
   int64_t extra[kMaxExtra];  // further destination addresses, in the layout of their descriptor's dst
   int32_t count;
+  int32_t wide;  // some descriptor needs 64-bit indices: the launch takes the kernel compiled for them
 };
+static_assert(sizeof(Params) <= 4096, "kernel parameters are limited to 4 KiB");
 
 // Fill `p` from a prefix of `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the
 // grid) and sets `*planned` to the prefix's length (at least 1; the rest goes into another launch).

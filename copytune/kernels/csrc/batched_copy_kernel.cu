@@ -5,9 +5,13 @@
 // Descriptors travel by value as one __grid_constant__ struct: no device-side table, no per-call H2D copy.
 #include "batched_copy.cuh"
 
+#include <type_traits>
+
 namespace copytune {
 
 // T: the unit (one store); L: one load piece (T itself, or a narrower type when the source is less aligned).
+// Every thread moves at most kUnroll units, so its instruction count per unit is the kernel's cost: the host
+// decided everything it could (index width, divisor), and pieces are read at constant offsets from one pointer.
 template <int kUnroll, typename T, typename L, bool kRows, typename Index>
 __device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, Index start) {
   constexpr int kPieces = sizeof(T) / sizeof(L);
@@ -27,16 +31,22 @@ __device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, I
       Index from = i * kPieces;
       to[k] = i;
       if constexpr (kRows) {
-        const Index cols = static_cast<Index>(c.cols);
-        const Index r = i / cols, col = i - r * cols;
+        Index r;
+        if constexpr (sizeof(Index) == 4) {  // i < n <= INT32_MAX: the multiply-shift quotient is exact
+          r = c.cols_mul == 0 ? i : __umulhi(i, c.cols_mul) >> c.cols_shr;
+        } else {
+          r = i / static_cast<Index>(c.cols);
+        }
+        const Index col = i - r * static_cast<Index>(c.cols);
         from = r * static_cast<Index>(c.src_stride) + col * kPieces;
         to[k] = r * static_cast<Index>(c.dst_stride) + col;
       }
+      const L* piece = src + from;
       if constexpr (kPieces == 1) {
-        v[k].t = *reinterpret_cast<const T*>(src + from);
+        v[k].t = *reinterpret_cast<const T*>(piece);
       } else {
 #pragma unroll
-        for (int q = 0; q < kPieces; ++q) v[k].l[q] = src[from + q];
+        for (int q = 0; q < kPieces; ++q) v[k].l[q] = piece[q];
       }
     }
   }
@@ -53,34 +63,25 @@ __device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, I
   }
 }
 
-template <int kUnroll, typename T, typename L>
-__device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, int64_t start) {
-  // 32-bit index arithmetic when every index fits: 64-bit division is emulated and several times slower.
-  constexpr int64_t kPieces = sizeof(T) / sizeof(L);
-  const bool rows = c.cols != c.n;
-  const int64_t row_count = rows ? c.n / c.cols : 1;
-  const int64_t src_reach = rows ? row_count * c.src_stride : c.n * kPieces;  // load index bound
-  const int64_t dst_reach = rows ? row_count * c.dst_stride : c.n;
-  if (c.n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX && c.src_stride <= INT32_MAX / 2 &&
-      c.dst_stride <= INT32_MAX / 2) {
-    rows ? copy_tile<kUnroll, T, L, true, uint32_t>(c, extra, uint32_t(start))
-         : copy_tile<kUnroll, T, L, false, uint32_t>(c, extra, uint32_t(start));
-  } else {
-    rows ? copy_tile<kUnroll, T, L, true, int64_t>(c, extra, start)
-         : copy_tile<kUnroll, T, L, false, int64_t>(c, extra, start);
-  }
+template <int kUnroll, typename T, typename L, typename Index>
+__device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, Index start) {
+  c.cols != c.n ? copy_tile<kUnroll, T, L, true, Index>(c, extra, start)
+                : copy_tile<kUnroll, T, L, false, Index>(c, extra, start);
 }
 
-template <int kUnroll>
+// kWide: 64-bit indices, compiled as a kernel of its own (the host launches it only for a launch holding a copy
+// that needs them), so the common kernel carries half the code: its size costs (benchmarks/probe_kernels.py).
+template <int kUnroll, bool kWide>
 __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_constant__ Params p) {
-  const int64_t tile = blockIdx.x;
+  using Index = typename std::conditional<kWide, int64_t, uint32_t>::type;
+  const int tile = static_cast<int>(blockIdx.x);
   int lo = 0, hi = p.count - 1;  // last copy whose first tile <= tile (empty copies share a begin: skipped)
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
   }
   const Copy& c = p.c[lo];
-  const int64_t start = (tile - c.tile_begin) * (int64_t(kThreads) * kUnroll);
+  const Index start = Index(tile - c.tile_begin) * Index(kThreads * kUnroll);
   switch (c.vec_log2 * 8 + c.load_log2) {  // (unit, load piece); plan_launch only splits into these three
     case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, p.extra, start); break;
     case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2>(c, p.extra, start); break;
@@ -95,6 +96,20 @@ __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_con
 
 namespace {
 
+// CUTLASS's FastDivmod divisor: for every n < 2^31, n / d == umulhi(n, mul) >> shr (mul == 0: d == 1).
+void fast_divisor(int64_t d, uint32_t* mul, int8_t* shr) {
+  if (d <= 1) {
+    *mul = 0;
+    *shr = 0;
+    return;
+  }
+  int log2_ceil = 0;
+  while ((int64_t(1) << log2_ceil) < d) ++log2_ceil;
+  const int p = 31 + log2_ceil;
+  *mul = static_cast<uint32_t>(((uint64_t(1) << p) + uint64_t(d) - 1) / uint64_t(d));
+  *shr = static_cast<int8_t>(p - 32);
+}
+
 int widest_log2(uint64_t bits) {  // the widest of 16/8/4/2/1 bytes that divides `bits`
   int v = 4;
   while (v > 0 && (bits & ((uint64_t(1) << v) - 1))) --v;
@@ -104,15 +119,22 @@ int widest_log2(uint64_t bits) {  // the widest of 16/8/4/2/1 bytes that divides
 void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* tiles, Copy* c) {
   c->src = r.src;
   c->dst = r.dst;
-  c->vec_log2 = static_cast<int16_t>(vec);
-  c->load_log2 = static_cast<int16_t>(load);
+  c->vec_log2 = static_cast<int8_t>(vec);
+  c->load_log2 = static_cast<int8_t>(load);
   c->extra_begin = c->extra_count = 0;
   c->cols = r.row_bytes >> vec;
   c->n = r.rows * c->cols;
   c->src_stride = r.src_stride >> load;
   c->dst_stride = r.dst_stride >> vec;
   if (c->cols == 0) c->cols = 1;  // empty copy: n == 0, never divided by
-  c->tile_begin = *tiles;
+  // 32-bit indices when every index the kernel forms fits: one past the last load piece and the last unit (a
+  // source's rows may overlap: an expanded tensor has row stride 0)
+  const int64_t last_row = c->cols != c->n ? c->n / c->cols - 1 : 0;
+  const int64_t src_reach = last_row * c->src_stride + (c->cols << (vec - load));
+  const int64_t dst_reach = last_row * c->dst_stride + c->cols;
+  c->wide = !(c->n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX);
+  fast_divisor(c->wide ? 1 : c->cols, &c->cols_mul, &c->cols_shr);
+  c->tile_begin = static_cast<int32_t>(*tiles);  // launch_batched_copy refuses grids past 2^31 - 1 tiles
   *tiles += (c->n + tile_units - 1) / tile_units;
 }
 
@@ -213,6 +235,8 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
     }
   }
   p->count = e;
+  p->wide = 0;
+  for (int d = 0; d < e; ++d) p->wide |= p->c[d].wide;
   return tiles;
 }
 
@@ -270,13 +294,20 @@ void LaunchPlan::move_sources(const std::vector<RawCopy>& now) {
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
   if (tiles == 0) return cudaSuccess;
   if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
-  const void* kernel = unroll == 1   ? reinterpret_cast<const void*>(&batched_copy_kernel<1>)
-                       : unroll == 2 ? reinterpret_cast<const void*>(&batched_copy_kernel<2>)
-                       : unroll == 8 ? reinterpret_cast<const void*>(&batched_copy_kernel<8>)
-                                     : reinterpret_cast<const void*>(&batched_copy_kernel<4>);
+  static const void* const kernels[2][4] = {
+      {reinterpret_cast<const void*>(&batched_copy_kernel<1, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<2, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<4, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<8, false>)},
+      {reinterpret_cast<const void*>(&batched_copy_kernel<1, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<2, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<4, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<8, true>)}};
+  const void* kernel = kernels[p.wide ? 1 : 0][unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2];
   void* args[] = {const_cast<Params*>(&p)};
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
-  // somebody else's earlier launch and blame this one for it.
+  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a cached
+  // CUfunction measured no steadier gain: -0.27 us in one run, +0.25 us in the next; benchmarks/probe_kernels.py.)
   return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
 }
 
