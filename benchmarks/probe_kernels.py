@@ -21,8 +21,8 @@ VARIANTS = [("shipped", 1), ("shipped", 2), ("shipped", 4), ("lite", 1), ("lite"
             ("lite_value", 1), ("lite_static", 1),
             ("engine", 0), ("row1", 0), ("row2", 0), ("row1x512", 0), ("row1x128", 0), ("aligned", 0),
             ("persistent", 132 * 4), ("persistent", 132 * 8), ("memcpy2d", 0)]
-LAUNCHES = ["runtime_small", "runtime_big", "driver_small", "driver_big", "driver_big_buffer", "shipped_7_copies",
-            "stream_lookup_only"]
+LAUNCHES = ["runtime_small", "driver_small", "runtime_big", "driver_big", "driver_big_buffer", "runtime_7_copies",
+            "shipped_7_copies", "stream_lookup_only"]
 
 
 def build():
@@ -55,6 +55,7 @@ def graph_us(fn, per_graph: int = 20, replays: int = 50) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--launch-only", action="store_true")
     ap.add_argument("--sizes", default="32x8193,128x8193,256x8193,512x8193,128x8192,1024x1025,256x1025")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=None)
@@ -63,7 +64,7 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     print(f"# {card} | torch {torch.__version__} (CUDA {torch.version.cuda})")
     results = {"card": card, "torch": torch.__version__, "copy": {}, "launch": {}}
-    for size in args.sizes.split(","):
+    for size in [] if args.launch_only else args.sizes.split(","):
         rows, cols = map(int, size.split("x"))
         width = -(-(cols + 64) // 4) * 4
         dst_buf = torch.empty(rows, width, dtype=torch.int32, device="cuda")
@@ -84,11 +85,14 @@ def main() -> int:
         for k, us in med.items():
             print(f"  {k:<18} {us:7.2f}  x{us / base:.3f}  {2 * src.numel() * 4 / us / 1e3:6.0f} GB/s")
         results["copy"][size] = med
-    print("\nhost µs per launch (20000 back-to-back, C++ loop)")
-    for how in LAUNCHES:
-        us = statistics.median(mod.launch_cost(how, 20000) for _ in range(5))
-        results["launch"][how] = us
-        print(f"  {how:<20} {us:6.3f}")
+    print("\nhost µs per launch (5000 back-to-back, C++ loop; median of 15 round-robin rounds)")
+    costs = {how: [] for how in LAUNCHES}
+    for _ in range(15):  # round-robin: a shared host's slow phases fall on every row alike
+        for how in LAUNCHES:
+            costs[how].append(mod.launch_cost(how, 5000))
+    for how, ts in costs.items():
+        results["launch"][how] = statistics.median(ts)
+        print(f"  {how:<20} {statistics.median(ts):6.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,28 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     assert torch.equal(dst, src) and torch.equal(small_dst, small_src)
     assert int((big != 0x5A).sum()) == 6  # the two rows of three bytes, no other byte
     del big
+
+
+@pytest.mark.cuda
+def test_a_launch_from_a_thread_that_never_touched_cuda_is_exact(built):
+    """The kernel goes out through the driver's cuLaunchKernel where it can; on a fresh thread, which has no
+    current context until a runtime call makes one, that launch falls back to the runtime's and still copies."""
+    src = torch.randint(-1000, 1000, (33, 1025), dtype=torch.int32, device="cuda")
+    dst = torch.full((33, 1100), -7, dtype=torch.int32, device="cuda")
+    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst[:, :1025])]), {"unroll": 2})
+    torch.cuda.synchronize()
+    errors = []
+
+    def run():
+        try:
+            launch()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    torch.cuda.synchronize()
+    assert not errors and torch.equal(dst[:, :1025], src) and bool((dst[:, 1025:] == -7).all())
 
 
 @pytest.mark.cuda
