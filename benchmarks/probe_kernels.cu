@@ -188,7 +188,7 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     static copytune::Params p;
     int planned = 0;
     const int64_t tiles = copytune::plan_launch(&r, 1, int(param), &p, &planned);
-    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream(), src.get_device()) == cudaSuccess);
+    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream()) == cudaSuccess);
   } else if (variant == "lite" || variant == "lite_nosearch") {  // param: unroll
     copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
     static copytune::Params p;
@@ -244,8 +244,8 @@ double launch_cost(const std::string& how, int64_t n) {
       cuLaunchKernel(f_big, 1, 1, 1, 32, 1, 1, 0, st, big_args, nullptr);
     } else if (how == "driver_big_buffer") {
       cuLaunchKernel(f_big, 1, 1, 1, 32, 1, 1, 0, st, nullptr, big_config);
-    } else if (how == "shipped_7_copies" || how == "runtime_7_copies") {  // a planned 7-copy decode batch, through
-      static copytune::Params p;                                           // launch_batched_copy or the runtime
+    } else if (how == "driver_7_copies" || how == "runtime_7_copies") {  // the shipped kernel and a planned 7-copy
+      static copytune::Params p;                                          // decode batch, through either API
       static int64_t tiles = [] {
         void* buf = nullptr;
         TORCH_CHECK(cudaMalloc(&buf, 1 << 20) == cudaSuccess);
@@ -257,13 +257,17 @@ double launch_cost(const std::string& how, int64_t n) {
         int planned = 0;
         return copytune::plan_launch(raw, 7, 2, &p, &planned);
       }();
-      if (how == "shipped_7_copies") {
-        int device = 0;
-        cudaGetDevice(&device);
-        copytune::launch_batched_copy(p, tiles, 2, st, device);
+      const void* kernel = reinterpret_cast<const void*>(&copytune::batched_copy_kernel<2, false>);
+      void* args[] = {&p};
+      if (how == "driver_7_copies") {
+        static CUfunction f = [kernel] {
+          cudaFunction_t found = nullptr;
+          TORCH_CHECK(cudaGetFuncBySymbol(&found, kernel) == cudaSuccess);
+          return reinterpret_cast<CUfunction>(found);
+        }();
+        cuLaunchKernel(f, unsigned(tiles), 1, 1, copytune::kThreads, 1, 1, 0, st, args, nullptr);
       } else {
-        void* args[] = {&p};
-        cudaLaunchKernel(copytune::kernel_for(false, 2), dim3(tiles), dim3(copytune::kThreads), args, 0, st);
+        cudaLaunchKernel(kernel, dim3(tiles), dim3(copytune::kThreads), args, 0, st);
       }
     } else if (how == "stream_lookup_only") {
       st = c10::cuda::getCurrentCUDAStream().stream();

@@ -124,9 +124,6 @@ def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
         expect_begin += -(-n // tile_units)
         unit, piece = 1 << vec, 1 << load
         i = np.arange(n, dtype=np.int64)
-        reach = max(((n // cols - 1) * src_stride if cols != n else 0) + cols * (unit // piece),
-                    ((n // cols - 1) * dst_stride if cols != n else 0) + cols, n)
-        assert wide == (reach > 2**31 - 1), "index width"
         if cols != n:
             r = i // cols if wide else fast_quotient(i, mul, shr)
             col = i - r * cols
@@ -136,6 +133,11 @@ def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
         else:
             src_at, dst_at = src + i * unit, i * unit
         assert not (src_at % piece).any(), "misaligned load"
+        if not wide and n:  # the 32-bit kernel: every index it forms (load pieces, stores, the tile's last unit)
+            pieces = (src_at - src) // piece + (unit // piece - 1)  # fits the multiply-shift domain
+            last_i = -(-n // tile_units) * tile_units - 1
+            assert max(int(pieces.max()), int((dst_at // unit).max()), n - 1) <= 2**31 - 1, "index past 31 bits"
+            assert last_i < 2**32, "tile index wraps"
         offsets = np.arange(unit, dtype=np.int64)
         loaded = memory[(src_at[:, None] + offsets).ravel()]  # every load before any store, as a thread does
         for base in (dst, *extra):
@@ -317,9 +319,12 @@ def test_row_index_division_is_exact_for_every_unit_up_to_the_32_bit_bound(harne
     rng = random.Random(unit)
     widths = [1, 2, 3, 5, 7, 64, 255, 256, 257, 1025, 4097, 65535, 65537]
     widths += [rng.randrange(2, 1 << 20) for _ in range(40)]
+    if unit == 1:  # the widest rows the 32-bit path takes: two rows, the second's end just under 2^31
+        widths += [2**30 - 9, 2**30 - 11, 2**29 + 1, 3 * 2**27 - 1]
     for cols in widths:
         row_bytes = cols * unit
-        raws = [(0, 1 << 40, 3, row_bytes, row_bytes + unit, row_bytes + 16)]  # strided: rows, not one run
+        rows = 3 if cols < 2**20 else 2
+        raws = [(0, 1 << 40, rows, row_bytes, row_bytes + unit, row_bytes + 16)]  # strided: rows, not one run
         _, entries = plan(harness, raws, 1)
         body = entries[0]
         n, cols_units, (mul, shr, wide) = body[2], body[3], body[10]
@@ -340,3 +345,7 @@ def test_indices_past_32_bits_take_the_64_bit_path(harness):
     assert entries[0][10][2] == 1
     (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 16, 32)], 1)
     assert entries[0][10][2] == 0
+    # 1-byte units (odd strides); one past the second row's last unit at 2^31 - 1 (narrow) or 2^31 + 1 (wide)
+    for stride, wide in ((2**31 - 17, 0), (2**31 - 15, 1)):
+        (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 16, stride)], 1)
+        assert entries[0][7] == 0 and entries[0][10][2] == wide, stride

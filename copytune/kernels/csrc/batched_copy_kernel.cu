@@ -5,10 +5,7 @@
 // Descriptors travel by value as one __grid_constant__ struct: no device-side table, no per-call H2D copy.
 #include "batched_copy.cuh"
 
-#include <atomic>
 #include <type_traits>
-
-#include <cuda.h>
 
 namespace copytune {
 
@@ -294,11 +291,9 @@ void LaunchPlan::move_sources(const std::vector<RawCopy>& now) {
   }
 }
 
-namespace {
-
-int unroll_slot(int unroll) { return unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2; }
-
-const void* kernel_for(bool wide, int unroll) {
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
+  if (tiles == 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
   static const void* const kernels[2][4] = {
       {reinterpret_cast<const void*>(&batched_copy_kernel<1, false>),
        reinterpret_cast<const void*>(&batched_copy_kernel<2, false>),
@@ -308,66 +303,12 @@ const void* kernel_for(bool wide, int unroll) {
        reinterpret_cast<const void*>(&batched_copy_kernel<2, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<4, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<8, true>)}};
-  return kernels[wide ? 1 : 0][unroll_slot(unroll)];
-}
-
-// The driver's cuLaunchKernel with the kernel's CUfunction looked up once per (device, kernel): the runtime's
-// cudaLaunchKernel maps its host stub to that handle on every call (benchmarks/probe_kernels.py times both). Taken
-// through the runtime (cudaGetDriverEntryPoint), so nothing links libcuda; any failure of the direct launch (no
-// current context on a thread that never made a runtime call, a foreign context) goes through the runtime
-// instead, whose status is the launch's.
-using DriverLaunch = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
-                                  CUstream, void**, void**);
-constexpr int kMaxDevices = 64;
-
-DriverLaunch driver_launch() {
-  static const DriverLaunch fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuLaunchKernel", &p, 12000, cudaEnableDefault, &found);
-#else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuLaunchKernel", &p, cudaEnableDefault, &found);
-#endif
-    if (err != cudaSuccess) cudaGetLastError();  // leave nothing pending for the next caller
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<DriverLaunch>(p) : nullptr;
-  }();
-  return fn;
-}
-
-CUfunction function_for(int device, bool wide, int unroll) {
-  static std::atomic<CUfunction> cache[kMaxDevices][2][4];  // a racing lookup stores the same handle
-  if (device < 0 || device >= kMaxDevices) return nullptr;
-  std::atomic<CUfunction>& slot = cache[device][wide ? 1 : 0][unroll_slot(unroll)];
-  CUfunction f = slot.load(std::memory_order_acquire);
-  if (f == nullptr) {
-    cudaFunction_t found = nullptr;  // the current device's, which the caller made `device`
-    if (cudaGetFuncBySymbol(&found, kernel_for(wide, unroll)) != cudaSuccess) {
-      cudaGetLastError();
-      return nullptr;
-    }
-    f = reinterpret_cast<CUfunction>(found);
-    slot.store(f, std::memory_order_release);
-  }
-  return f;
-}
-
-}  // namespace
-
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream, int device) {
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
+  const void* kernel = kernels[p.wide ? 1 : 0][unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2];
   void* args[] = {const_cast<Params*>(&p)};
-  const DriverLaunch launch = driver_launch();
-  const CUfunction f = launch != nullptr ? function_for(device, p.wide != 0, unroll) : nullptr;
-  if (f != nullptr &&
-      launch(f, static_cast<unsigned>(tiles), 1, 1, kThreads, 1, 1, 0, stream, args, nullptr) == CUDA_SUCCESS) {
-    return cudaSuccess;
-  }
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
-  // somebody else's earlier launch and blame this one for it.
-  return cudaLaunchKernel(kernel_for(p.wide != 0, unroll), dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args,
-                          0, stream);
+  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a cached
+  // CUfunction measured no steadier gain: -0.27 us in one run, +0.25 us in the next; benchmarks/probe_kernels.py.)
+  return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
 }
 
 }  // namespace copytune
