@@ -188,7 +188,7 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     static copytune::Params p;
     int planned = 0;
     const int64_t tiles = copytune::plan_launch(&r, 1, int(param), &p, &planned);
-    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream()) == cudaSuccess);
+    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream(), src.get_device()) == cudaSuccess);
   } else if (variant == "lite" || variant == "lite_nosearch") {  // param: unroll
     copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
     static copytune::Params p;

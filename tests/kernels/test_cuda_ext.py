@@ -148,10 +148,13 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
 @pytest.mark.cuda
 def test_a_launch_from_a_thread_that_never_touched_cuda_is_exact(built):
     """A serving engine may refresh from a thread of its own: one that has made no CUDA call has no current
-    context until the launch's own runtime call makes one, and the copy is still exact."""
+    context, so the launch cannot go out through the driver with the handle the first thread's context made; it
+    goes through the runtime, which makes the context current, and the copy is exact."""
     src = torch.randint(-1000, 1000, (33, 1025), dtype=torch.int32, device="cuda")
     dst = torch.full((33, 1100), -7, dtype=torch.int32, device="cuda")
     launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst[:, :1025])]), {"unroll": 2})
+    launch()  # this thread's context makes the handle
+    dst.fill_(-7)
     torch.cuda.synchronize()
     errors = []
 

@@ -5,7 +5,12 @@
 // Descriptors travel by value as one __grid_constant__ struct: no device-side table, no per-call H2D copy.
 #include "batched_copy.cuh"
 
+#include <atomic>
+#include <mutex>
 #include <type_traits>
+
+#include <cuda.h>
+#include <dlfcn.h>
 
 namespace copytune {
 
@@ -291,9 +296,11 @@ void LaunchPlan::move_sources(const std::vector<RawCopy>& now) {
   }
 }
 
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
+namespace {
+
+int unroll_slot(int unroll) { return unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2; }
+
+const void* kernel_for(bool wide, int unroll) {
   static const void* const kernels[2][4] = {
       {reinterpret_cast<const void*>(&batched_copy_kernel<1, false>),
        reinterpret_cast<const void*>(&batched_copy_kernel<2, false>),
@@ -303,12 +310,92 @@ cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cuda
        reinterpret_cast<const void*>(&batched_copy_kernel<2, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<4, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<8, true>)}};
-  const void* kernel = kernels[p.wide ? 1 : 0][unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2];
+  return kernels[wide ? 1 : 0][unroll_slot(unroll)];
+}
+
+// The driver's cuLaunchKernel with the kernel's CUfunction looked up once: the runtime's cudaLaunchKernel maps its
+// host stub to that handle on every call, 0.28-0.36 us of a 3.3 us launch on an H100 host (benchmarks/RESULTS.md).
+// The two entry points come from the libcuda the process has already loaded (dlopen RTLD_NOLOAD, as c10's driver
+// API does): no link against libcuda, and no runtime entry-point API, which ties the build to a libcudart at least
+// as new as its toolkit. A handle belongs to the context current when it was made; a launch under any other
+// context (a pushed or green one, a thread with none yet) goes through the runtime, as does any failure.
+using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                              CUstream, void**, void**);
+using CurrentFn = CUresult (*)(CUcontext*);
+
+struct Driver {
+  LaunchFn launch = nullptr;
+  CurrentFn current = nullptr;
+};
+
+const Driver& driver() {
+  static const Driver d = [] {
+    Driver found;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);  // loaded by the runtime already, or not at all
+    if (lib != nullptr) {
+      found.launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+      found.current = reinterpret_cast<CurrentFn>(dlsym(lib, "cuCtxGetCurrent"));
+      if (found.launch == nullptr || found.current == nullptr) found = Driver{};
+    }
+    return found;
+  }();
+  return d;
+}
+
+constexpr int kMaxDevices = 64;
+
+struct Handle {  // filled once: fn stored before ctx, read after it
+  std::atomic<CUcontext> ctx{nullptr};
+  std::atomic<CUfunction> fn{nullptr};
+};
+
+// The kernel's handle where `ctx` made it, or nullptr (another context made it; the lookup failed).
+CUfunction handle_in(CUcontext ctx, int device, bool wide, int unroll) {
+  static Handle handles[kMaxDevices][2][4];
+  static std::mutex filling;
+  Handle& h = handles[device][wide ? 1 : 0][unroll_slot(unroll)];
+  CUcontext owner = h.ctx.load(std::memory_order_acquire);
+  if (owner == nullptr) {
+    std::lock_guard<std::mutex> lock(filling);
+    owner = h.ctx.load(std::memory_order_acquire);
+    if (owner == nullptr) {
+      if (cudaPeekAtLastError() != cudaSuccess) return nullptr;  // somebody's pending error: not ours to clear
+      cudaFunction_t fn = nullptr;
+      if (cudaGetFuncBySymbol(&fn, kernel_for(wide, unroll)) != cudaSuccess) {
+        cudaGetLastError();  // the lookup's own error (none was pending before it)
+        return nullptr;
+      }
+      CUcontext made = nullptr;  // the lookup may have made the device's primary context current
+      if (driver().current(&made) != CUDA_SUCCESS || made == nullptr) return nullptr;
+      h.fn.store(reinterpret_cast<CUfunction>(fn), std::memory_order_relaxed);
+      h.ctx.store(made, std::memory_order_release);
+      owner = made;
+    }
+  }
+  return owner == ctx ? h.fn.load(std::memory_order_relaxed) : nullptr;
+}
+
+}  // namespace
+
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream, int device) {
+  if (tiles == 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
   void* args[] = {const_cast<Params*>(&p)};
+  const bool wide = p.wide != 0;
+  const Driver& d = driver();
+  CUcontext ctx = nullptr;
+  if (d.launch != nullptr && device >= 0 && device < kMaxDevices && d.current(&ctx) == CUDA_SUCCESS &&
+      ctx != nullptr) {
+    const CUfunction f = handle_in(ctx, device, wide, unroll);
+    if (f != nullptr &&
+        d.launch(f, static_cast<unsigned>(tiles), 1, 1, kThreads, 1, 1, 0, stream, args, nullptr) == CUDA_SUCCESS) {
+      return cudaSuccess;
+    }
+  }
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
-  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a cached
-  // CUfunction measured no steadier gain: -0.27 us in one run, +0.25 us in the next; benchmarks/probe_kernels.py.)
-  return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
+  // somebody else's earlier launch and blame this one for it.
+  return cudaLaunchKernel(kernel_for(wide, unroll), dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0,
+                          stream);
 }
 
 }  // namespace copytune
