@@ -902,6 +902,11 @@ BoundBatch* SeamTable::batch_of(PyObject* launcher) {
 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("launch_counts", [] {
+    int64_t direct = 0, runtime = 0;
+    copytune::launch_counts(&direct, &runtime);
+    return std::make_pair(direct, runtime);
+  });
   pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
       .def(pybind11::init<const std::vector<int64_t>&, int64_t, int64_t>())
       .def("error", &copytune::BoundBatch::error)
