@@ -306,8 +306,9 @@ cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cuda
   const void* kernel = kernels[p.wide ? 1 : 0][unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2];
   void* args[] = {const_cast<Params*>(&p)};
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
-  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a cached
-  // CUfunction measured no steadier gain: -0.27 us in one run, +0.25 us in the next; benchmarks/probe_kernels.py.)
+  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a CUfunction
+  // looked up once is 0.28-0.36 us faster a launch on an H100 host; branch wip/driver-launch holds it until it
+  // has run on a GPU in its hardened form: benchmarks/RESULTS.md, fourth session.)
   return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
 }
 
