@@ -151,6 +151,29 @@ __global__ void __launch_bounds__(copytune::kThreads) lite_read(const __grid_con
   }
 }
 
+// The shipped kernel's body (search, dispatch) in a capped grid: each block walks tiles blockIdx.x, +gridDim.x, ...
+// (fewer blocks than tiles: no tail wave, no per-block launch cost past the first). A candidate tile schedule for
+// large copies, where the probe's plain persistent kernel beat every one-tile-per-block kernel.
+template <int kUnroll>
+__global__ void __launch_bounds__(copytune::kThreads) shipped_capped(const __grid_constant__ copytune::Params p,
+                                                                     int tiles) {
+  using namespace copytune;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int lo = 0, hi = p.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
+    }
+    const Copy& c = p.c[lo];
+    const uint32_t start = uint32_t(tile - c.tile_begin) * uint32_t(kThreads * kUnroll);
+    switch (c.vec_log2 * 8 + c.load_log2) {
+      case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, p.extra, start); break;
+      case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, p.extra, start); break;
+      default: copy_units<kUnroll, uint32_t, uint32_t>(c, p.extra, start); break;  // the NSA shapes only
+    }
+  }
+}
+
 __global__ void empty_kernel(int) {}
 
 struct Big {
@@ -211,6 +234,18 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
                                             : reinterpret_cast<const void*>(&lite_read<false, true>);
     void* args[] = {&p};
     TORCH_CHECK(cudaLaunchKernel(k, dim3(tiles), dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
+  } else if (variant == "shipped_capped") {  // param: blocks per SM (unroll 2)
+    copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
+    static copytune::Params p;
+    int planned = 0;
+    const int64_t tiles = copytune::plan_launch(&r, 1, 2, &p, &planned);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, src.get_device());
+    const int blocks = static_cast<int>(std::min<int64_t>(tiles, int64_t(sms) * param));
+    int tile_count = static_cast<int>(tiles);
+    void* args[] = {&p, &tile_count};
+    TORCH_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(&shipped_capped<2>), dim3(blocks),
+                                 dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
   } else if (variant == "memcpy2d") {
     TORCH_CHECK(cudaMemcpy2DAsync(d, stride * 4, s, cols * 4, cols * 4, rows, cudaMemcpyDeviceToDevice, stream()) ==
                 cudaSuccess);
