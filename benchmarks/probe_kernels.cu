@@ -183,6 +183,14 @@ __global__ void empty_big(const __grid_constant__ Big) {}
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The page table planned by the shipped host code into one struct that outlives the call (a captured launch keeps
+// the parameter values it was given); returns the tiles.
+int64_t plan_page_table(const int* s, int* d, int rows, int cols, int stride, int unroll, copytune::Params* p) {
+  const copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
+  int planned = 0;
+  return copytune::plan_launch(&r, 1, unroll, p, &planned);
+}
+
 }  // namespace
 
 // Launch one variant once on the current stream (for graph capture in Python).
@@ -191,6 +199,7 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
   const int* s = src.data_ptr<int>();
   int* d = dst.data_ptr<int>();
   const int units = cols >> 2;
+  static copytune::Params p;  // the descriptor variants' parameters
   if (variant == "engine") {
     const int n = rows * cols;
     engine_like<<<std::min((n + 255) / 256, 1024), 256, 0, stream()>>>(s, d, rows, cols, stride);
@@ -207,16 +216,10 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
   } else if (variant == "persistent") {  // param: blocks
     flat_persistent<256><<<param, 256, 0, stream()>>>(s, d, rows, cols, stride);
   } else if (variant == "shipped") {  // param: unroll
-    copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
-    static copytune::Params p;
-    int planned = 0;
-    const int64_t tiles = copytune::plan_launch(&r, 1, int(param), &p, &planned);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
     TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream(), src.get_device()) == cudaSuccess);
   } else if (variant == "lite" || variant == "lite_nosearch") {  // param: unroll
-    copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
-    static copytune::Params p;
-    int planned = 0;
-    const int64_t tiles = copytune::plan_launch(&r, 1, int(param), &p, &planned);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
     TORCH_CHECK(p.count <= 2);
     const void* k = variant == "lite" ? (param == 1 ? reinterpret_cast<const void*>(&lite<1, true>)
                                                     : reinterpret_cast<const void*>(&lite<2, true>))
@@ -225,20 +228,14 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     void* args[] = {&p};
     TORCH_CHECK(cudaLaunchKernel(k, dim3(tiles), dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
   } else if (variant == "lite_value" || variant == "lite_static") {
-    copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
-    static copytune::Params p;
-    int planned = 0;
-    const int64_t tiles = copytune::plan_launch(&r, 1, 1, &p, &planned);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, 1, &p);
     TORCH_CHECK(p.count <= 2);
     const void* k = variant == "lite_value" ? reinterpret_cast<const void*>(&lite_read<true, false>)
                                             : reinterpret_cast<const void*>(&lite_read<false, true>);
     void* args[] = {&p};
     TORCH_CHECK(cudaLaunchKernel(k, dim3(tiles), dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
   } else if (variant == "shipped_capped") {  // param: blocks per SM (unroll 2)
-    copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
-    static copytune::Params p;
-    int planned = 0;
-    const int64_t tiles = copytune::plan_launch(&r, 1, 2, &p, &planned);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, 2, &p);
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, src.get_device());
     const int blocks = static_cast<int>(std::min<int64_t>(tiles, int64_t(sms) * param));

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from copytune import tuner
+
 HERE = Path(__file__).parent
 CSRC = HERE.parent / "copytune" / "kernels" / "csrc"
 VARIANTS = [("shipped", 1), ("shipped", 2), ("shipped", 4), ("lite", 1), ("lite", 2), ("lite_nosearch", 1),
@@ -33,24 +35,10 @@ def build():
         extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"])
 
 
-def graph_us(fn, per_graph: int = 20, replays: int = 50) -> float:
-    """GPU µs per call: ``per_graph`` calls captured in one CUDA graph, replayed."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(per_graph):
-                fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph)
+def graph_us(fn) -> float:
+    """GPU µs per call, the tuner's graph timer (20 calls captured in one CUDA graph, replayed), one sample: the
+    probe's own rounds repeat it round-robin."""
+    return tuner.default_timer(lambda i: fn(), "graph", torch.device("cuda"), calls=1000)
 
 
 def main() -> int:
