@@ -217,7 +217,7 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     flat_persistent<256><<<param, 256, 0, stream()>>>(s, d, rows, cols, stride);
   } else if (variant == "shipped") {  // param: unroll
     const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
-    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream()) == cudaSuccess);
+    TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream(), src.get_device()) == cudaSuccess);
   } else if (variant == "lite" || variant == "lite_nosearch") {  // param: unroll
     const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
     TORCH_CHECK(p.count <= 2);

@@ -112,6 +112,7 @@ def build(device: torch.device | str = "cuda", verbose: bool = False) -> tuple[P
             name=name, sources=[str(CSRC / s) for s in SOURCES], build_directory=str(folder), verbose=verbose,
             extra_cflags=["-O3", "-std=c++17"],
             extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            extra_ldflags=["-ldl"],  # dlopen of the loaded libcuda (glibc before 2.34 keeps it in libdl)
         )
     except Exception as exc:  # noqa: BLE001 - record why, so available() can say it without rebuilding
         first = next((ln for ln in str(exc).splitlines() if "error" in ln.lower()), str(exc).splitlines()[0])

@@ -1,6 +1,7 @@
 """cuda_ext: a clear reason and no crash without a GPU; the kernel compiles with plain nvcc where one exists
 (CI machines have nvcc but no GPU); bit-exact on a GPU."""
 
+import ctypes
 import os
 import re
 import shutil
@@ -145,26 +146,68 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     del big
 
 
+def launch_counts() -> tuple[int, int]:
+    """Launches so far (direct through the driver, through the runtime) of the built module."""
+    return tuple(cuda_ext.load(torch.device("cuda")).launch_counts())
+
+
 @pytest.mark.cuda
-def test_a_launch_from_a_thread_that_never_touched_cuda_is_exact(built):
-    """A serving engine may refresh from a thread of its own: one that has made no CUDA call has no current
-    context until the launch's own runtime call makes one, and the copy is still exact."""
+def test_launches_go_out_through_the_driver_and_a_fresh_thread_through_the_runtime(built):
+    """On the thread that made the kernel's handle, a launch is the driver's cuLaunchKernel. A serving engine may
+    refresh from a thread of its own: one that has made no CUDA call has no current context, so its first launch
+    goes through the runtime (which makes the device's primary context current), and its second, in the context
+    that made the handle, through the driver. Every copy exact."""
     src = torch.randint(-1000, 1000, (33, 1025), dtype=torch.int32, device="cuda")
     dst = torch.full((33, 1100), -7, dtype=torch.int32, device="cuda")
     launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst[:, :1025])]), {"unroll": 2})
+    launch()  # makes the handle here, if no earlier test did
+    before = launch_counts()
+    launch()
+    assert launch_counts() == (before[0] + 1, before[1])  # direct
+    dst.fill_(-7)
     torch.cuda.synchronize()
-    errors = []
+    seen, errors, had_context = [], [], []
 
     def run():
         try:
-            launch()
+            ctx = ctypes.c_void_p()
+            assert ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+            had_context.append(ctx.value is not None)
+            for _ in range(2):
+                first = launch_counts()
+                launch()
+                seen.append(tuple(b - a for a, b in zip(first, launch_counts())))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
     torch.cuda.synchronize()
-    assert not errors and torch.equal(dst[:, :1025], src) and bool((dst[:, 1025:] == -7).all())
+    assert not errors and had_context == [False]  # a fresh thread has no current context
+    assert seen == [(0, 1), (1, 0)]  # so the runtime first, then the driver in the context it made current
+    assert torch.equal(dst[:, :1025], src) and bool((dst[:, 1025:] == -7).all())
+
+
+@pytest.mark.cuda
+def test_a_launch_captured_in_a_cuda_graph_replays_exactly(built):
+    """The driver's launch is captured as the runtime's is: a graph of it, replayed onto a poisoned buffer after
+    the sources changed, copies the new bytes."""
+    src = torch.randint(-1000, 1000, (129, 1025), dtype=torch.int32, device="cuda")
+    dst = torch.full((129, 1100), -7, dtype=torch.int32, device="cuda")
+    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst[:, :1025])]), {"unroll": 2})
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch()  # warm: the handle exists before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            launch()
+    torch.cuda.current_stream().wait_stream(stream)
+    src.copy_(torch.randint(-1000, 1000, src.shape, dtype=torch.int32, device="cuda"))
+    dst.fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(dst[:, :1025], src) and bool((dst[:, 1025:] == -7).all())
 
 
 @pytest.mark.cuda

@@ -71,8 +71,12 @@ static_assert(sizeof(Params) <= 4096, "kernel parameters are limited to 4 KiB");
 int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* planned, int* leaders = nullptr,
                     int* desc_leaders = nullptr);
 
-// Launch one chunk planned with the same `unroll`. Returns the launch's cudaError_t.
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream);
+// Launch one chunk planned with the same `unroll` on `stream` of `device`, which must be the current device.
+// Returns the launch's cudaError_t.
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream, int device);
+
+// Launches so far that went out through the driver directly, and through the runtime (tests and diagnostics).
+void launch_counts(int64_t* direct, int64_t* runtime);
 
 // A batch's launches (host side): its copies planned into as many parameter structs as they need, and where each
 // descriptor's source comes from, so that a call whose sources only moved patches addresses instead of planning

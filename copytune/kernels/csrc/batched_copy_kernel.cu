@@ -5,7 +5,12 @@
 // Descriptors travel by value as one __grid_constant__ struct: no device-side table, no per-call H2D copy.
 #include "batched_copy.cuh"
 
+#include <atomic>
+#include <mutex>
 #include <type_traits>
+
+#include <cuda.h>
+#include <dlfcn.h>
 
 namespace copytune {
 
@@ -292,9 +297,11 @@ void LaunchPlan::move_sources(const std::vector<RawCopy>& now) {
   }
 }
 
-cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream) {
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
+namespace {
+
+int unroll_slot(int unroll) { return unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2; }
+
+const void* kernel_for(bool wide, int unroll) {
   static const void* const kernels[2][4] = {
       {reinterpret_cast<const void*>(&batched_copy_kernel<1, false>),
        reinterpret_cast<const void*>(&batched_copy_kernel<2, false>),
@@ -304,13 +311,130 @@ cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cuda
        reinterpret_cast<const void*>(&batched_copy_kernel<2, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<4, true>),
        reinterpret_cast<const void*>(&batched_copy_kernel<8, true>)}};
-  const void* kernel = kernels[p.wide ? 1 : 0][unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2];
+  return kernels[wide ? 1 : 0][unroll_slot(unroll)];
+}
+
+// The driver's cuLaunchKernel with the kernel's CUfunction looked up once: the runtime's cudaLaunchKernel maps its
+// host stub to that handle on every call, 0.28-0.36 us of a 3.3 us launch on an H100 host (benchmarks/RESULTS.md).
+// The entry points come from the libcuda the process has already loaded (dlopen RTLD_NOLOAD, as c10's driver API
+// does): no link against libcuda, and no runtime entry-point API, which ties the build to a libcudart at least as
+// new as its toolkit. A handle belongs to the context that made it, named by its unique id (a context destroyed
+// and another made at the same address has another id): a launch under any other context (a pushed or green one,
+// a thread with none yet) goes through the runtime, and the first context to need a kernel keeps its handle (a
+// process whose first launch ran under a pushed context launches its primary one's through the runtime).
+#ifdef CUDA_API_PER_THREAD_DEFAULT_STREAM
+#error "stream 0 would be the per-thread stream for the runtime and the legacy one for cuLaunchKernel"
+#endif
+using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                              CUstream, void**, void**);
+using CurrentFn = CUresult (*)(CUcontext*);
+using IdFn = CUresult (*)(CUcontext, unsigned long long*);
+
+struct Driver {
+  LaunchFn launch = nullptr;
+  CurrentFn current = nullptr;
+  IdFn id = nullptr;  // cuCtxGetId: drivers of CUDA 12.0 and later; without it, no direct launch
+};
+
+// nullptr until the process has loaded libcuda (looked for again on each launch until then: a launch before CUDA
+// is initialized is not a launch this code ever makes, so the retry costs nothing in practice).
+const Driver* driver() {
+  static std::atomic<const Driver*> found{nullptr};
+  static Driver entries;
+  static std::mutex filling;
+  const Driver* d = found.load(std::memory_order_acquire);
+  if (d != nullptr) return d;
+  std::lock_guard<std::mutex> lock(filling);
+  d = found.load(std::memory_order_acquire);
+  if (d != nullptr) return d;
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);  // the runtime's copy, or nothing
+  if (lib == nullptr) return nullptr;
+  entries.launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+  entries.current = reinterpret_cast<CurrentFn>(dlsym(lib, "cuCtxGetCurrent"));
+  entries.id = reinterpret_cast<IdFn>(dlsym(lib, "cuCtxGetId"));
+  if (entries.launch == nullptr || entries.current == nullptr || entries.id == nullptr) entries = Driver{};
+  found.store(&entries, std::memory_order_release);  // entries.launch == nullptr: no direct launch, for good
+  return &entries;
+}
+
+constexpr int kMaxDevices = 64;
+constexpr unsigned long long kNoContext = ~0ull;
+
+struct Handle {  // filled once: fn stored before ctx, read after it
+  std::atomic<unsigned long long> ctx{kNoContext};
+  std::atomic<CUfunction> fn{nullptr};
+};
+
+std::atomic<int64_t> direct_launches{0}, runtime_launches{0};
+
+// The kernel's handle where the context `ctx` (an id) made it, or nullptr: another context made it, or the lookup
+// failed.
+CUfunction handle_in(const Driver& d, unsigned long long ctx, int device, bool wide, int unroll) {
+  static Handle handles[kMaxDevices][2][4];
+  static std::mutex filling;
+  Handle& h = handles[device][wide ? 1 : 0][unroll_slot(unroll)];
+  unsigned long long owner = h.ctx.load(std::memory_order_acquire);
+  if (owner == kNoContext) {
+    std::lock_guard<std::mutex> lock(filling);
+    owner = h.ctx.load(std::memory_order_acquire);
+    if (owner == kNoContext) {
+      if (cudaPeekAtLastError() != cudaSuccess) return nullptr;  // somebody's pending error: not ours to clear
+      cudaFunction_t fn = nullptr;
+      if (cudaGetFuncBySymbol(&fn, kernel_for(wide, unroll)) != cudaSuccess) {
+        cudaGetLastError();  // the lookup's own error (none was pending before it)
+        return nullptr;
+      }
+      CUcontext made = nullptr;  // the runtime looked the handle up in the thread's current context
+      unsigned long long id = kNoContext;
+      if (d.current(&made) != CUDA_SUCCESS || made == nullptr || d.id(made, &id) != CUDA_SUCCESS) return nullptr;
+      h.fn.store(reinterpret_cast<CUfunction>(fn), std::memory_order_relaxed);
+      h.ctx.store(id, std::memory_order_release);
+      owner = id;
+    }
+  }
+  return owner == ctx ? h.fn.load(std::memory_order_relaxed) : nullptr;
+}
+
+// Errors of the handle or its context: the direct launch could not be made, and the runtime's launch is tried.
+bool handle_error(CUresult r) {
+  return r == CUDA_ERROR_INVALID_HANDLE || r == CUDA_ERROR_INVALID_CONTEXT || r == CUDA_ERROR_CONTEXT_IS_DESTROYED;
+}
+
+}  // namespace
+
+void launch_counts(int64_t* direct, int64_t* runtime) {
+  *direct = direct_launches.load(std::memory_order_relaxed);
+  *runtime = runtime_launches.load(std::memory_order_relaxed);
+}
+
+cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream, int device) {
+  if (tiles == 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
   void* args[] = {const_cast<Params*>(&p)};
+  const bool wide = p.wide != 0;
+  const Driver* d = driver();
+  CUcontext ctx = nullptr;
+  unsigned long long id = kNoContext;
+  if (d != nullptr && d->launch != nullptr && device >= 0 && device < kMaxDevices &&
+      d->current(&ctx) == CUDA_SUCCESS && ctx != nullptr && d->id(ctx, &id) == CUDA_SUCCESS) {
+    const CUfunction f = handle_in(*d, id, device, wide, unroll);
+    if (f != nullptr) {
+      const CUresult r = d->launch(f, static_cast<unsigned>(tiles), 1, 1, kThreads, 1, 1, 0, stream, args, nullptr);
+      if (r == CUDA_SUCCESS) {
+        direct_launches.fetch_add(1, std::memory_order_relaxed);
+        return cudaSuccess;
+      }
+      // Any other failure is the launch's own (a bad configuration, an invalidated capture): the runtime would
+      // fail the same way, or report the capture it invalidated instead. CUresult and cudaError_t share these
+      // codes (1 invalid value, 700s launch and memory errors, 900s stream capture).
+      if (!handle_error(r)) return static_cast<cudaError_t>(r);
+    }
+  }
+  runtime_launches.fetch_add(1, std::memory_order_relaxed);
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
-  // somebody else's earlier launch and blame this one for it. (The driver's cuLaunchKernel with a CUfunction
-  // looked up once is 0.28-0.36 us faster a launch on an H100 host; branch wip/driver-launch holds it until it
-  // has run on a GPU in its hardened form: benchmarks/RESULTS.md, fourth session.)
-  return cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0, stream);
+  // somebody else's earlier launch and blame this one for it.
+  return cudaLaunchKernel(kernel_for(wide, unroll), dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0,
+                          stream);
 }
 
 }  // namespace copytune

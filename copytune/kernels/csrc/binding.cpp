@@ -481,7 +481,7 @@ class BoundBatch {
       if (c10::cuda::current_device() != device_) guard.set_index(device_);
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
       for (size_t k = 0; k < plan_.launches(); ++k) {
-        const cudaError_t err = launch_batched_copy(plan_.params(k), plan_.tiles(k), unroll_, stream);
+        const cudaError_t err = launch_batched_copy(plan_.params(k), plan_.tiles(k), unroll_, stream, device_);
         if (err != cudaSuccess) return std::string("cuda_ext: launch failed: ") + cudaGetErrorString(err);
       }
     } catch (const std::exception& e) {
@@ -902,6 +902,11 @@ BoundBatch* SeamTable::batch_of(PyObject* launcher) {
 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("launch_counts", [] {
+    int64_t direct = 0, runtime = 0;
+    copytune::launch_counts(&direct, &runtime);
+    return std::make_pair(direct, runtime);
+  });
   pybind11::class_<copytune::BoundBatch>(m, "BoundBatch")
       .def(pybind11::init<const std::vector<int64_t>&, int64_t, int64_t>())
       .def("error", &copytune::BoundBatch::error)
