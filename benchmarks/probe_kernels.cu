@@ -116,10 +116,10 @@ __global__ void __launch_bounds__(copytune::kThreads) lite(const __grid_constant
   const Copy& c = p.c[lo];
   const uint32_t start = uint32_t((tile - c.tile_begin) * (int64_t(kThreads) * kUnroll));
   if (c.vec_log2 == 4) {
-    if (c.load_log2 == 2) copy_tile<kUnroll, uint4, uint32_t, true, uint32_t>(c, p.extra, start);
-    else copy_tile<kUnroll, uint4, uint4, true, uint32_t>(c, p.extra, start);
+    if (c.load_log2 == 2) copy_tile<kUnroll, uint4, uint32_t, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
+    else copy_tile<kUnroll, uint4, uint4, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
   } else {
-    copy_tile<kUnroll, uint32_t, uint32_t, true, uint32_t>(c, p.extra, start);
+    copy_tile<kUnroll, uint32_t, uint32_t, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
   }
 }
 
@@ -132,10 +132,10 @@ __global__ void __launch_bounds__(copytune::kThreads) lite_read(const __grid_con
   auto run = [&](const Copy& c) {
     const uint32_t start = uint32_t((tile - c.tile_begin) * int64_t(kThreads));
     if (c.vec_log2 == 4) {
-      if (c.load_log2 == 2) copy_tile<1, uint4, uint32_t, true, uint32_t>(c, p.extra, start);
-      else copy_tile<1, uint4, uint4, true, uint32_t>(c, p.extra, start);
+      if (c.load_log2 == 2) copy_tile<1, uint4, uint32_t, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
+      else copy_tile<1, uint4, uint4, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
     } else {
-      copy_tile<1, uint32_t, uint32_t, true, uint32_t>(c, p.extra, start);
+      copy_tile<1, uint32_t, uint32_t, true, uint32_t>(c, p.extra, start, uint32_t(c.n), 0, 0);
     }
   };
   if constexpr (kStatic) {
@@ -151,29 +151,6 @@ __global__ void __launch_bounds__(copytune::kThreads) lite_read(const __grid_con
   }
 }
 
-// The shipped kernel's body (search, dispatch) in a capped grid: each block walks tiles blockIdx.x, +gridDim.x, ...
-// (fewer blocks than tiles: no tail wave, no per-block launch cost past the first). A candidate tile schedule for
-// large copies, where the probe's plain persistent kernel beat every one-tile-per-block kernel.
-template <int kUnroll>
-__global__ void __launch_bounds__(copytune::kThreads) shipped_capped(const __grid_constant__ copytune::Params p,
-                                                                     int tiles) {
-  using namespace copytune;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    int lo = 0, hi = p.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
-    }
-    const Copy& c = p.c[lo];
-    const uint32_t start = uint32_t(tile - c.tile_begin) * uint32_t(kThreads * kUnroll);
-    switch (c.vec_log2 * 8 + c.load_log2) {
-      case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, p.extra, start); break;
-      case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, p.extra, start); break;
-      default: copy_units<kUnroll, uint32_t, uint32_t>(c, p.extra, start); break;  // the NSA shapes only
-    }
-  }
-}
-
 __global__ void empty_kernel(int) {}
 
 struct Big {
@@ -184,11 +161,26 @@ __global__ void empty_big(const __grid_constant__ Big) {}
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // The page table planned by the shipped host code into one struct that outlives the call (a captured launch keeps
-// the parameter values it was given); returns the tiles.
-int64_t plan_page_table(const int* s, int* d, int rows, int cols, int stride, int unroll, copytune::Params* p) {
+// the parameter values it was given); returns the tiles. `flat`: every copy's tiles cut across its rows (the plan
+// before row tiles, and the only one the lite kernels read).
+int64_t plan_page_table(const int* s, int* d, int rows, int cols, int stride, int unroll, copytune::Params* p,
+                        bool flat = false) {
   const copytune::RawCopy r{int64_t(s), int64_t(d), rows, int64_t(cols) * 4, int64_t(cols) * 4, int64_t(stride) * 4};
   int planned = 0;
-  return copytune::plan_launch(&r, 1, unroll, p, &planned);
+  int64_t tiles = copytune::plan_launch(&r, 1, unroll, p, &planned);
+  if (flat) {
+    const int64_t tile_units = int64_t(copytune::kThreads) * unroll;
+    tiles = 0;
+    for (int e = 0; e < p->count; ++e) {
+      copytune::Copy& c = p->c[e];
+      TORCH_CHECK(!c.wide);
+      if (c.row_tiles) copytune::fast_divisor(c.cols, &c.cols_mul, &c.cols_shr);
+      c.row_tiles = 0;
+      c.tile_begin = static_cast<int32_t>(tiles);
+      tiles += (c.n + tile_units - 1) / tile_units;
+    }
+  }
+  return tiles;
 }
 
 }  // namespace
@@ -215,11 +207,11 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     row_aligned_loads<256><<<dim3((units + 255) / 256, rows), 256, 0, stream()>>>(s, d, cols, stride);
   } else if (variant == "persistent") {  // param: blocks
     flat_persistent<256><<<param, 256, 0, stream()>>>(s, d, rows, cols, stride);
-  } else if (variant == "shipped") {  // param: unroll
-    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
+  } else if (variant == "shipped" || variant == "shipped_flat") {  // param: unroll
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p, variant == "shipped_flat");
     TORCH_CHECK(copytune::launch_batched_copy(p, tiles, int(param), stream(), src.get_device()) == cudaSuccess);
   } else if (variant == "lite" || variant == "lite_nosearch") {  // param: unroll
-    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, int(param), &p, true);
     TORCH_CHECK(p.count <= 2);
     const void* k = variant == "lite" ? (param == 1 ? reinterpret_cast<const void*>(&lite<1, true>)
                                                     : reinterpret_cast<const void*>(&lite<2, true>))
@@ -228,21 +220,12 @@ void launch(const std::string& variant, int64_t param, const torch::Tensor& src,
     void* args[] = {&p};
     TORCH_CHECK(cudaLaunchKernel(k, dim3(tiles), dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
   } else if (variant == "lite_value" || variant == "lite_static") {
-    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, 1, &p);
+    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, 1, &p, true);
     TORCH_CHECK(p.count <= 2);
     const void* k = variant == "lite_value" ? reinterpret_cast<const void*>(&lite_read<true, false>)
                                             : reinterpret_cast<const void*>(&lite_read<false, true>);
     void* args[] = {&p};
     TORCH_CHECK(cudaLaunchKernel(k, dim3(tiles), dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
-  } else if (variant == "shipped_capped") {  // param: blocks per SM (unroll 2)
-    const int64_t tiles = plan_page_table(s, d, rows, cols, stride, 2, &p);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, src.get_device());
-    const int blocks = static_cast<int>(std::min<int64_t>(tiles, int64_t(sms) * param));
-    int tile_count = static_cast<int>(tiles);
-    void* args[] = {&p, &tile_count};
-    TORCH_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(&shipped_capped<2>), dim3(blocks),
-                                 dim3(copytune::kThreads), args, 0, stream()) == cudaSuccess);
   } else if (variant == "memcpy2d") {
     TORCH_CHECK(cudaMemcpy2DAsync(d, stride * 4, s, cols * 4, cols * 4, rows, cudaMemcpyDeviceToDevice, stream()) ==
                 cudaSuccess);

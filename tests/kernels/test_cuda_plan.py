@@ -6,6 +6,7 @@ every access aligned to its width (a misaligned vector access faults on the GPU)
 
 import random
 import subprocess
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -43,9 +44,9 @@ int main() {
       printf("%lld %d\n", (long long)plan.tiles(k), p.count);
       for (int e = 0; e < p.count; ++e) {
         const copytune::Copy& c = p.c[e];
-        printf("%lld %lld %lld %lld %lld %lld %lld %d %d %u %d %d |", (long long)c.src, (long long)c.dst,
+        printf("%lld %lld %lld %lld %lld %lld %lld %d %d %u %d %d %d |", (long long)c.src, (long long)c.dst,
                (long long)c.n, (long long)c.cols, (long long)c.src_stride, (long long)c.dst_stride,
-               (long long)c.tile_begin, c.vec_log2, c.load_log2, c.cols_mul, c.cols_shr, c.wide);
+               (long long)c.tile_begin, c.vec_log2, c.load_log2, c.cols_mul, c.cols_shr, c.wide, c.row_tiles);
         for (int x = 0; x < c.extra_count; ++x) printf(" %lld", (long long)p.extra[c.extra_begin + x]);
         printf("\n");
       }
@@ -78,7 +79,7 @@ def steps(harness, raw_steps, unroll):
     """Every step of a batch whose copies change from step to step (the same count): per step, whether its plan
     was patched in place ("moved") or made again ("planned"), and its launches (tiles, descriptors), each
     descriptor (src, dst, n, cols, src_stride, dst_stride, tile_begin, vec_log2, load_log2, extra destinations,
-    (cols_mul, cols_shr, wide))."""
+    Kernel(cols_mul, cols_shr, wide, row_tiles))."""
     text = f"{len(raw_steps[0])} {unroll}\n" + "\n".join(" ".join(map(str, r)) for raws in raw_steps for r in raws)
     out = subprocess.run([str(harness)], input=text + "\n", capture_output=True, text=True,
                          check=True).stdout.split("\n")
@@ -93,7 +94,7 @@ def steps(harness, raw_steps, unroll):
             for line in out[k + 1:k + 1 + n]:
                 fields, extra = line.split("|")
                 v = tuple(map(int, fields.split()))
-                entries.append(v[:9] + (tuple(map(int, extra.split())), v[9:]))
+                entries.append(v[:9] + (tuple(map(int, extra.split())), Kernel(*v[9:])))
             assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
             launched.append((tiles, entries))
             k += 1 + n
@@ -114,30 +115,59 @@ def plan(harness, raws, unroll):
     return tiles, entries
 
 
+class Kernel(NamedTuple):
+    """What a descriptor tells the kernel beyond its copy: the multiply-shift divisor (of ``cols``, or of the tiles
+    per row where ``row_tiles``), and whether its indices take 64 bits."""
+    mul: int
+    shr: int
+    wide: int
+    row_tiles: int
+
+
+def units_of(n: int, cols: int, tile_units: int, k: Kernel) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every unit the kernel moves for one descriptor, as (row, column) with the row found as the kernel finds it,
+    and the descriptor's tiles. Row tiles: each row ``chunks`` tiles, a tile's row by the multiply-shift of its
+    index and its lanes past the row's end idle; flat tiles: unit i of the copy, its row by the multiply-shift of
+    i (32-bit) or a division (64-bit)."""
+    if k.row_tiles:
+        rows, chunks = n // cols, -(-cols // tile_units)
+        t = np.arange(rows * chunks, dtype=np.int64)
+        row = fast_quotient(t, k.mul, k.shr)
+        assert np.array_equal(row, t // chunks), "row of a tile"
+        col = ((t - row * chunks) * tile_units)[:, None] + np.arange(tile_units, dtype=np.int64)
+        assert chunks * tile_units - 1 < 2**32, "column index wraps"
+        live = col < cols
+        return np.broadcast_to(row[:, None], col.shape)[live], col[live], rows * chunks
+    i = np.arange(n, dtype=np.int64)
+    if cols == n:
+        return np.zeros_like(i), i, -(-n // tile_units)
+    r = i // cols if k.wide else fast_quotient(i, k.mul, k.shr)
+    assert np.array_equal(r, i // cols), "row of a unit"
+    return r, i - r * cols, -(-n // tile_units)
+
+
 def replay(entries, memory: np.ndarray, tiles: int, unroll: int) -> None:
     """Move bytes as the kernel does: unit i of entry e is loaded in pieces and stored whole, to its destination
     and to each extra one at the same offset."""
     tile_units = THREADS * unroll
     expect_begin = 0
-    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load, extra, (mul, shr, wide) in entries:
+    for src, dst, n, cols, src_stride, dst_stride, tile_begin, vec, load, extra, kernel in entries:
         assert tile_begin == expect_begin and load <= vec
-        expect_begin += -(-n // tile_units)
+        r, col, used = units_of(n, cols, tile_units, kernel)
+        expect_begin += used
+        assert len(col) == n and len(np.unique(r * cols + col)) == n, "every unit once"
         unit, piece = 1 << vec, 1 << load
-        i = np.arange(n, dtype=np.int64)
-        if cols != n:
-            r = i // cols if wide else fast_quotient(i, mul, shr)
-            col = i - r * cols
-            assert np.array_equal(r, i // cols), "row of a unit"
-            src_at = src + (r * src_stride + col * (unit // piece)) * piece
-            dst_at = (r * dst_stride + col) * unit
-        else:
-            src_at, dst_at = src + i * unit, i * unit
+        src_at = src + (r * src_stride + col * (unit // piece)) * piece
+        dst_at = (r * dst_stride + col) * unit
         assert not (src_at % piece).any(), "misaligned load"
-        if not wide and n:  # the 32-bit kernel: every index it forms (load pieces, stores, the tile's last unit)
-            pieces = (src_at - src) // piece + (unit // piece - 1)  # fits the multiply-shift domain
-            last_i = -(-n // tile_units) * tile_units - 1
-            assert max(int(pieces.max()), int((dst_at // unit).max()), n - 1) <= 2**31 - 1, "index past 31 bits"
-            assert last_i < 2**32, "tile index wraps"
+        if not kernel.wide and n:  # the 32-bit kernel: every index it forms (load pieces, stores, the tile's last unit)
+            per = unit // piece
+            if kernel.row_tiles:  # within a row: the row's offset is added to the 64-bit base addresses
+                pieces, stores = col * per + (per - 1), col
+            else:
+                pieces, stores = (src_at - src) // piece + (per - 1), dst_at // unit
+                assert n - 1 <= 2**31 - 1 and used * tile_units - 1 < 2**32, "tile index wraps"
+            assert max(int(pieces.max()), int(stores.max())) <= 2**31 - 1, "index past 31 bits"
         offsets = np.arange(unit, dtype=np.int64)
         loaded = memory[(src_at[:, None] + offsets).ravel()]  # every load before any store, as a thread does
         for base in (dst, *extra):
@@ -314,8 +344,9 @@ def test_sources_moved_in_place_keep_the_plan_only_where_it_still_holds(harness,
 
 @pytest.mark.parametrize("unit", [1, 4, 16])
 def test_row_index_division_is_exact_for_every_unit_up_to_the_32_bit_bound(harness, unit):
-    """The kernel divides a unit's index by the units per row with a multiply and a shift the host chose: exact
-    for every divisor the planner produces, at the largest indices the 32-bit path reaches (2^31 - 1)."""
+    """The kernel divides an index by the units per row (flat tiles) or a tile's by the tiles per row (row tiles)
+    with a multiply and a shift the host chose: exact for every divisor the planner produces, at the largest
+    indices the 32-bit path reaches (2^31 - 1)."""
     rng = random.Random(unit)
     widths = [1, 2, 3, 5, 7, 64, 255, 256, 257, 1025, 4097, 65535, 65537]
     widths += [rng.randrange(2, 1 << 20) for _ in range(40)]
@@ -327,25 +358,54 @@ def test_row_index_division_is_exact_for_every_unit_up_to_the_32_bit_bound(harne
         raws = [(0, 1 << 40, rows, row_bytes, row_bytes + unit, row_bytes + 16)]  # strided: rows, not one run
         _, entries = plan(harness, raws, 1)
         body = entries[0]
-        n, cols_units, (mul, shr, wide) = body[2], body[3], body[10]
-        assert not wide and cols_units != n
+        n, cols_units, kernel = body[2], body[3], body[10]
+        assert not kernel.wide and cols_units != n
+        divisor = -(-cols_units // THREADS) if kernel.row_tiles else cols_units  # row tiles: tiles per row
         top = 2**31 - 1
-        i = np.unique(np.concatenate([np.arange(0, min(4 * cols_units, 1 << 16)),
+        i = np.unique(np.concatenate([np.arange(0, min(4 * divisor, 1 << 16)),
                                       np.array([rng.randrange(top) for _ in range(4000)]),
-                                      top - np.arange(0, min(2 * cols_units, 1 << 16)),
-                                      (top // cols_units - np.arange(0, 1000)) * cols_units - 1,  # row ends
-                                      (top // cols_units - np.arange(0, 1000)) * cols_units])).astype(np.int64)
+                                      top - np.arange(0, min(2 * divisor, 1 << 16)),
+                                      (top // divisor - np.arange(0, 1000)) * divisor - 1,  # row ends
+                                      (top // divisor - np.arange(0, 1000)) * divisor])).astype(np.int64)
         i = i[(i >= 0) & (i <= top)]
-        assert np.array_equal(fast_quotient(i, mul, shr), i // cols_units), cols
+        assert np.array_equal(fast_quotient(i, kernel.mul, kernel.shr), i // divisor), cols
 
 
 def test_indices_past_32_bits_take_the_64_bit_path(harness):
     """A copy whose last row starts 2^31 units or more past its first is planned wide (64-bit indices)."""
     (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 2**35, 16)], 1)
-    assert entries[0][10][2] == 1
+    assert entries[0][10].wide == 1
     (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 16, 32)], 1)
-    assert entries[0][10][2] == 0
+    assert entries[0][10].wide == 0
     # 1-byte units (odd strides); one past the second row's last unit at 2^31 - 1 (narrow) or 2^31 + 1 (wide)
     for stride, wide in ((2**31 - 17, 0), (2**31 - 15, 1)):
         (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 16, stride)], 1)
-        assert entries[0][7] == 0 and entries[0][10][2] == wide, stride
+        assert entries[0][7] == 0 and entries[0][10].wide == wide, stride
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_rows_that_fill_whole_tiles_are_row_tiled(harness, unroll):
+    """The NSA page table at max_len 8192 ([128, 8193] int32 into rows of a wider buffer): its body rows are 2048
+    16-byte units, whole tiles, so each row gets tiles of its own (no per-thread division); the 1-unit tail rows
+    stay flat. Replayed exact."""
+    raws = [(4, 1 << 24, 128, 4 * 8193, 4 * 8193, 4 * 8320)]
+    tiles, entries = plan(harness, raws, unroll)
+    body, tail = entries
+    assert body[10].row_tiles and not body[10].wide and body[3] == 2048
+    assert not tail[10].row_tiles and tail[3] == 1
+    assert tiles == 128 * 2048 // (THREADS * unroll) + 1
+    memory = np.frombuffer(random.Random(unroll).randbytes((1 << 24) + 128 * 4 * 8320), dtype=np.uint8).copy()
+    want = copy_bytes(raws, memory)
+    replay(entries, memory, tiles, unroll)
+    assert np.array_equal(memory, want)
+
+
+def test_short_rows_stay_flat_and_far_apart_rows_stay_32_bit_when_row_tiled(harness):
+    """Rows of 300 units would take 2 tiles each (1.5x the flat tiles): flat. Rows of whole tiles 2^35 bytes
+    apart: row-tiled, and the 32-bit kernel (a row's offset is added to the base address in 64 bits)."""
+    (_, entries), = launches(harness, [(0, 1 << 40, 3, 16 * 300, 16 * 300, 16 * 320)], 1)
+    assert not entries[0][10].row_tiles
+    (_, entries), = launches(harness, [(0, 1 << 40, 2, 16 * 256, 2**35, 16 * 256)], 1)
+    assert entries[0][10].row_tiles and not entries[0][10].wide
+    (_, entries), = launches(harness, [(0, 1 << 40, 2, 16, 2**35, 16)], 1)  # 1 unit a row: flat, so 64-bit
+    assert not entries[0][10].row_tiles and entries[0][10].wide

@@ -17,6 +17,7 @@ namespace copytune {
 constexpr int kMaxCopies = 32;
 constexpr int kMaxExtra = 64;  // destinations beyond each descriptor's first, per launch (broadcast copies)
 constexpr int kThreads = 256;  // per block; 8 warps
+static_assert(kMaxExtra <= 127, "extra destinations are indexed by int8");
 inline bool valid_unroll(int unroll) { return unroll == 1 || unroll == 2 || unroll == 4 || unroll == 8; }
 
 // One copy as the caller describes it, in bytes: `rows` rows of `row_bytes` contiguous bytes.
@@ -36,17 +37,20 @@ struct Copy {
   int64_t src_stride;  // load pieces between source rows
   int64_t dst_stride;  // units between destination rows
   int32_t tile_begin;  // first tile of this copy in the launch's flattened tile list (the grid is < 2^31)
-  // Decided on the host, so that a thread's first instructions are loads: `cols` as a multiply-shift divisor for
-  // 32-bit indices (FastDivmod: i / cols == umulhi(i, cols_mul) >> cols_shr for every i < 2^31; cols_mul == 0
-  // means cols == 1), and whether indices need 64 bits (`wide`: 64-bit division is emulated, ~100 cycles a thread
-  // before its first load).
+  // Decided on the host, so that a thread's first instructions are loads: whether each row has tiles of its own
+  // (`row_tiles`: a thread indexes within one row, the block finds its row), the one divisor a 32-bit index is
+  // divided by as a multiply-shift (FastDivmod: q / d == umulhi(q, cols_mul) >> cols_shr for every q < 2^31;
+  // cols_mul == 0 means d == 1) - the tiles per row of a row-tiled copy, else `cols` - and whether indices need 64
+  // bits (`wide`: 64-bit division is emulated, ~100 cycles a thread before its first load).
   uint32_t cols_mul;
   int8_t cols_shr;
   int8_t wide;
   int8_t vec_log2;
-  int8_t load_log2;     // <= vec_log2
-  int16_t extra_begin;  // the same units are also stored at Params::extra[extra_begin, extra_begin + extra_count):
-  int16_t extra_count;  // a broadcast, several copies of one source read once (draft backends of one step)
+  int8_t load_log2;    // <= vec_log2
+  int8_t row_tiles;
+  int8_t extra_begin;  // the same units are also stored at Params::extra[extra_begin, extra_begin + extra_count):
+  int8_t extra_count;  // a broadcast, several copies of one source read once (draft backends of one step)
+  int8_t reserved;
 };
 static_assert(sizeof(Copy) == 64, "a descriptor is one 64-byte line of the parameter space");
 

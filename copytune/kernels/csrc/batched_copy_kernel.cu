@@ -16,17 +16,19 @@ namespace copytune {
 
 // T: the unit (one store); L: one load piece (T itself, or a narrower type when the source is less aligned).
 // Every thread moves at most kUnroll units, so its instruction count per unit is the kernel's cost: the host
-// decided everything it could (index width, divisor), and pieces are read at constant offsets from one pointer.
+// decided everything it could (index width, divisor, tiling), and pieces are read at constant offsets from one
+// pointer. Units [start, n) of the copy from `src_row` load pieces and `dst_row` units past its addresses (a row
+// of a row-tiled copy; 0 otherwise); kRows: the units are rows of `cols` (flat tiles across rows).
 template <int kUnroll, typename T, typename L, bool kRows, typename Index>
-__device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, Index start) {
+__device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, Index start, Index n, int64_t src_row,
+                                          int64_t dst_row) {
   constexpr int kPieces = sizeof(T) / sizeof(L);
   union Unit {
     T t;
     L l[kPieces];
   };
-  const L* __restrict__ src = reinterpret_cast<const L*>(c.src);
-  T* __restrict__ dst = reinterpret_cast<T*>(c.dst);
-  const Index n = static_cast<Index>(c.n);
+  const L* __restrict__ src = reinterpret_cast<const L*>(c.src) + src_row;
+  T* __restrict__ dst = reinterpret_cast<T*>(c.dst) + dst_row;
   Unit v[kUnroll];
   Index to[kUnroll];
 #pragma unroll
@@ -60,7 +62,7 @@ __device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, I
     if (start + Index(k) * kThreads + threadIdx.x < n) dst[to[k]] = v[k].t;
   }
   for (int e = 0; e < c.extra_count; ++e) {  // a broadcast: the units loaded once, stored to every destination
-    T* __restrict__ more = reinterpret_cast<T*>(extra[c.extra_begin + e]);
+    T* __restrict__ more = reinterpret_cast<T*>(extra[c.extra_begin + e]) + dst_row;
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
       if (start + Index(k) * kThreads + threadIdx.x < n) more[to[k]] = v[k].t;
@@ -68,10 +70,46 @@ __device__ __forceinline__ void copy_tile(const Copy& c, const int64_t* extra, I
   }
 }
 
+// Tile `t` of copy `c`. A row-tiled copy's tiles walk its rows (each row `chunks` tiles): the row is the block's
+// one division, by the multiply-shift in cols_mul/cols_shr (t < 2^31: exact), and its offset is added to the
+// block's base addresses, so a thread forms only an index within its row - no division, and no row offset that
+// needs 64 bits. Otherwise the tiles cut the copy's units flat, and each thread finds its unit's row.
 template <int kUnroll, typename T, typename L, typename Index>
-__device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, Index start) {
-  c.cols != c.n ? copy_tile<kUnroll, T, L, true, Index>(c, extra, start)
-                : copy_tile<kUnroll, T, L, false, Index>(c, extra, start);
+__device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, uint32_t t) {
+  constexpr uint32_t kTileUnits = kThreads * kUnroll;
+  if (c.row_tiles) {
+    const uint32_t chunks = (static_cast<uint32_t>(c.cols) + kTileUnits - 1) / kTileUnits;
+    const uint32_t row = c.cols_mul == 0 ? t : __umulhi(t, c.cols_mul) >> c.cols_shr;
+    copy_tile<kUnroll, T, L, false, Index>(c, extra, Index((t - row * chunks) * kTileUnits), Index(c.cols),
+                                           int64_t(row) * c.src_stride, int64_t(row) * c.dst_stride);
+  } else if (c.cols != c.n) {
+    copy_tile<kUnroll, T, L, true, Index>(c, extra, Index(t) * Index(kTileUnits), Index(c.n), 0, 0);
+  } else {
+    copy_tile<kUnroll, T, L, false, Index>(c, extra, Index(t) * Index(kTileUnits), Index(c.n), 0, 0);
+  }
+}
+
+// The block's tile of the launch: the last copy whose first tile <= `tile` (empty copies share a begin: skipped),
+// and its units by their (unit, load piece) widths.
+template <int kUnroll, typename Index>
+__device__ __forceinline__ void copy_block(const Params& p, int tile) {
+  int lo = 0, hi = p.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
+  }
+  const Copy& c = p.c[lo];
+  const uint32_t t = static_cast<uint32_t>(tile - c.tile_begin);
+  switch (c.vec_log2 * 8 + c.load_log2) {  // (unit, load piece); plan_launch only splits into these three
+    case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4, Index>(c, p.extra, t); break;
+    case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2, Index>(c, p.extra, t); break;
+    case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t, Index>(c, p.extra, t); break;
+    case 3 * 8 + 3: copy_units<kUnroll, uint2, uint2, Index>(c, p.extra, t); break;
+    case 3 * 8 + 2: copy_units<kUnroll, uint2, uint32_t, Index>(c, p.extra, t); break;
+    case 2 * 8 + 2: copy_units<kUnroll, uint32_t, uint32_t, Index>(c, p.extra, t); break;
+    case 1 * 8 + 1: copy_units<kUnroll, uint16_t, uint16_t, Index>(c, p.extra, t); break;
+    default: copy_units<kUnroll, uint8_t, uint8_t, Index>(c, p.extra, t); break;
+  }
 }
 
 // kWide: 64-bit indices, compiled as a kernel of its own (the host launches it only for a launch holding a copy
@@ -79,25 +117,7 @@ __device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, 
 // (Its halved code measured no time of its own; a build of only the NSA shapes ran 5% faster: probe_kernels.py.)
 template <int kUnroll, bool kWide>
 __global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_constant__ Params p) {
-  using Index = typename std::conditional<kWide, int64_t, uint32_t>::type;
-  const int tile = static_cast<int>(blockIdx.x);
-  int lo = 0, hi = p.count - 1;  // last copy whose first tile <= tile (empty copies share a begin: skipped)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (p.c[mid].tile_begin <= tile) lo = mid; else hi = mid - 1;
-  }
-  const Copy& c = p.c[lo];
-  const Index start = Index(tile - c.tile_begin) * Index(kThreads * kUnroll);
-  switch (c.vec_log2 * 8 + c.load_log2) {  // (unit, load piece); plan_launch only splits into these three
-    case 4 * 8 + 4: copy_units<kUnroll, uint4, uint4>(c, p.extra, start); break;
-    case 4 * 8 + 3: copy_units<kUnroll, uint4, uint2>(c, p.extra, start); break;
-    case 4 * 8 + 2: copy_units<kUnroll, uint4, uint32_t>(c, p.extra, start); break;
-    case 3 * 8 + 3: copy_units<kUnroll, uint2, uint2>(c, p.extra, start); break;
-    case 3 * 8 + 2: copy_units<kUnroll, uint2, uint32_t>(c, p.extra, start); break;
-    case 2 * 8 + 2: copy_units<kUnroll, uint32_t, uint32_t>(c, p.extra, start); break;
-    case 1 * 8 + 1: copy_units<kUnroll, uint16_t, uint16_t>(c, p.extra, start); break;
-    default: copy_units<kUnroll, uint8_t, uint8_t>(c, p.extra, start); break;
-  }
+  copy_block<kUnroll, typename std::conditional<kWide, int64_t, uint32_t>::type>(p, static_cast<int>(blockIdx.x));
 }
 
 namespace {
@@ -127,21 +147,26 @@ void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* 
   c->dst = r.dst;
   c->vec_log2 = static_cast<int8_t>(vec);
   c->load_log2 = static_cast<int8_t>(load);
-  c->extra_begin = c->extra_count = 0;
+  c->extra_begin = c->extra_count = c->reserved = 0;
   c->cols = r.row_bytes >> vec;
   c->n = r.rows * c->cols;
   c->src_stride = r.src_stride >> load;
   c->dst_stride = r.dst_stride >> vec;
   if (c->cols == 0) c->cols = 1;  // empty copy: n == 0, never divided by
+  const int64_t flat_tiles = (c->n + tile_units - 1) / tile_units;
+  // Row tiles (each row its own tiles) where they add at most 1/8 more tiles than flat ones, so a thread forms
+  // only an index within its row (< 2^31 load pieces: the 32-bit kernel, whatever the strides).
+  const int64_t chunks = (c->cols + tile_units - 1) / tile_units;
+  c->row_tiles = c->n > 0 && c->cols != c->n && 8 * r.rows * chunks <= 9 * flat_tiles && (c->cols << (vec - load)) <= INT32_MAX;
   // 32-bit indices when every index the kernel forms fits: one past the last load piece and the last unit (a
   // source's rows may overlap: an expanded tensor has row stride 0)
-  const int64_t last_row = c->cols != c->n ? c->n / c->cols - 1 : 0;
+  const int64_t last_row = c->cols != c->n && !c->row_tiles ? c->n / c->cols - 1 : 0;
   const int64_t src_reach = last_row * c->src_stride + (c->cols << (vec - load));
   const int64_t dst_reach = last_row * c->dst_stride + c->cols;
-  c->wide = !(c->n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX);
-  fast_divisor(c->wide ? 1 : c->cols, &c->cols_mul, &c->cols_shr);
+  c->wide = !(c->n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX) && !c->row_tiles;
+  fast_divisor(c->row_tiles ? chunks : c->wide ? 1 : c->cols, &c->cols_mul, &c->cols_shr);
   c->tile_begin = static_cast<int32_t>(*tiles);  // launch_batched_copy refuses grids past 2^31 - 1 tiles
-  *tiles += (c->n + tile_units - 1) / tile_units;
+  *tiles += c->row_tiles ? r.rows * chunks : flat_tiles;
 }
 
 bool same_source(const RawCopy& a, const RawCopy& b) {  // one read serves both: a broadcast
@@ -235,9 +260,9 @@ int64_t plan_launch(const RawCopy* raw, int count, int unroll, Params* p, int* p
     for (int d = first; d < e; ++d) {  // every descriptor of the group stores to the other members too
       Copy& c = p->c[d];
       if (desc_leaders != nullptr) desc_leaders[d] = leader[g];
-      c.extra_begin = static_cast<int16_t>(x);
+      c.extra_begin = static_cast<int8_t>(x);
       for (int m = next[leader[g]]; m >= 0; m = next[m]) p->extra[x++] = raw[m].dst + (c.dst - r.dst);
-      c.extra_count = static_cast<int16_t>(x - c.extra_begin);
+      c.extra_count = static_cast<int8_t>(x - c.extra_begin);
     }
   }
   p->count = e;
