@@ -20,8 +20,9 @@ from copytune import tuner
 HERE = Path(__file__).parent
 CSRC = HERE.parent / "copytune" / "kernels" / "csrc"
 VARIANTS = [("shipped", 1), ("shipped", 2), ("shipped", 4), ("shipped_flat", 1), ("shipped_flat", 2), ("lite", 1),
-            ("lite", 2), ("lite_nosearch", 1), ("lite_value", 1), ("lite_static", 1), ("engine", 0), ("row1", 0), ("row2", 0), ("row1x512", 0), ("row1x128", 0), ("aligned", 0),
-            ("persistent", 132 * 4), ("persistent", 132 * 8), ("memcpy2d", 0)]
+            ("lite", 2), ("lite_nosearch", 1), ("lite_value", 1), ("lite_static", 1), ("engine", 0), ("row1", 0),
+            ("row2", 0), ("row1x512", 0), ("row1x128", 0), ("aligned", 0), ("persistent", 132 * 4),
+            ("persistent", 132 * 8), ("memcpy2d", 0)]
 LAUNCHES = ["runtime_small", "driver_small", "runtime_big", "driver_big", "driver_big_buffer", "runtime_7_copies",
             "driver_7_copies", "stream_lookup_only"]
 

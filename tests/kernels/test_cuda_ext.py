@@ -128,7 +128,8 @@ def test_every_tile_shape_is_exact(built, unroll):
 def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     """A copy whose destination rows lie 2^32 + 7 bytes apart (1-byte units: the second row's index wraps in 32
     bits, so a wrong index width writes it 7 bytes past the first) beside a small copy in the same launch: both
-    exact, and nothing written between the rows."""
+    exact, and nothing written between the rows; a row-tiled copy in the same (64-bit) launch; rows 2^31 + 1
+    bytes apart, row-tiled, on the 32-bit kernel."""
     try:
         big = torch.full((2**32 + 64,), 0x5A, dtype=torch.uint8, device="cuda")
     except torch.cuda.OutOfMemoryError:
@@ -137,12 +138,25 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     src = torch.randint(0, 0x5A, (2, 3), dtype=torch.uint8, device="cuda")  # never the poison byte
     small_src = torch.randint(-1000, 1000, (1000,), dtype=torch.int32, device="cuda")
     small_dst = torch.full((1000,), -7, dtype=torch.int32, device="cuda")
-    launch = get_strategy(NAME).bind(CopyPlan.from_pairs([(src, dst), (small_src, small_dst)]), {"unroll": 4})
+    rows_src = torch.randint(-1000, 1000, (3, 4096), dtype=torch.int32, device="cuda")  # row tiles (1 a row)
+    rows_buf = torch.full((3, 4200), -7, dtype=torch.int32, device="cuda")
+    strategy = get_strategy(NAME)
+    launch = strategy.bind(CopyPlan.from_pairs([(src, dst), (small_src, small_dst), (rows_src, rows_buf[:, :4096])]),
+                           {"unroll": 4})
     launch()
     torch.cuda.synchronize()
-    assert torch.equal(dst, src) and torch.equal(small_dst, small_src)
+    assert torch.equal(dst, src) and torch.equal(small_dst, small_src) and torch.equal(rows_buf[:, :4096], rows_src)
+    assert bool((rows_buf[:, 4096:] == -7).all())
     changed = sum(int((chunk != 0x5A).sum()) for chunk in big.split(1 << 28))  # 256 MiB at a time
     assert changed == 6  # the two rows of three bytes, no other byte
+    # Rows of whole tiles 2^31 + 1 bytes apart: row tiles on the 32-bit kernel, the row's offset in 64 bits.
+    far = big.as_strided((2, 1024), (2**31 + 1, 1), storage_offset=4096)
+    far_src = torch.randint(0, 0x5A, (2, 1024), dtype=torch.uint8, device="cuda")
+    strategy.bind(CopyPlan.from_pairs([(far_src, far)]), {"unroll": 4})()
+    torch.cuda.synchronize()
+    assert torch.equal(far, far_src)
+    changed = sum(int((chunk != 0x5A).sum()) for chunk in big.split(1 << 28))
+    assert changed == 6 + 2048
     del big
 
 
