@@ -24,7 +24,7 @@ VARIANTS = [("shipped", 1), ("shipped", 2), ("shipped", 4), ("shipped_flat", 1),
             ("row2", 0), ("row1x512", 0), ("row1x128", 0), ("aligned", 0), ("persistent", 132 * 4),
             ("persistent", 132 * 8), ("memcpy2d", 0)]
 LAUNCHES = ["runtime_small", "driver_small", "runtime_big", "driver_big", "driver_big_buffer", "runtime_7_copies",
-            "driver_7_copies", "stream_lookup_only"]
+            "driver_7_copies", "shipped_7_copies", "stream_lookup_only"]
 
 
 def build():

@@ -2,6 +2,7 @@
 (CI machines have nvcc but no GPU); bit-exact on a GPU."""
 
 import ctypes
+import itertools
 import os
 import re
 import shutil
@@ -43,7 +44,8 @@ def test_kernel_compiles_without_spills_and_uses_16_byte_accesses(tmp_path):
     out = subprocess.run([NVCC, "-c", *arch, "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, check=True)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
-    assert len(spills) == 2 * len(cuda_ext.UNROLLS), out.stderr  # per tile shape: 32- and 64-bit indices
+    # per tile shape: 32- and 64-bit indices, and 32-bit with the compact parameter struct
+    assert len(spills) == 3 * len(cuda_ext.UNROLLS), out.stderr
     assert all(st == ld == "0" for st, ld in spills), out.stderr
     subprocess.run([NVCC, "-ptx", *arch, str(src), "-o", str(tmp_path / "k.ptx")], check=True)
     ptx = (tmp_path / "k.ptx").read_text()
@@ -308,12 +310,13 @@ def test_rows_less_aligned_on_the_source_split_into_a_wide_body_and_a_tail(built
 def test_one_source_into_several_destinations_is_read_once_and_exact(built, unroll):
     """Draft backends of one step copy the same sources into their own buffers: one descriptor stores each unit
     to every destination (``destinations()`` says how many). Poisoned buffers, odd widths that split, every
-    byte outside the slices untouched; new sources through the attribute path (each path read once)."""
+    byte outside the slices untouched; new sources through the attribute path (each path read once). 5 backends
+    launch with the compact parameter struct; 12 (33 extra destinations where the page table splits) with the
+    full one."""
     from types import SimpleNamespace
 
     dev = torch.device("cuda")
-    backends = 5
-    for cols in (1024, 1025, 1026):
+    for backends, cols in itertools.product((5, 12), (1024, 1025, 1026)):
         src = SimpleNamespace(a=random_fill(torch.empty(37, dtype=torch.int32, device=dev)),
                               t=random_fill(torch.empty(33, cols, dtype=torch.int32, device=dev)))
         bufs = [(random_fill(torch.empty(40, dtype=torch.int32, device=dev)),
