@@ -44,8 +44,7 @@ def test_kernel_compiles_without_spills_and_uses_16_byte_accesses(tmp_path):
     out = subprocess.run([NVCC, "-c", *arch, "-Xptxas", "-v", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, check=True)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
-    # per tile shape: 32- and 64-bit indices, and 32-bit with the compact parameter struct
-    assert len(spills) == 3 * len(cuda_ext.UNROLLS), out.stderr
+    assert len(spills) == 2 * len(cuda_ext.UNROLLS), out.stderr  # per tile shape: 32- and 64-bit indices
     assert all(st == ld == "0" for st, ld in spills), out.stderr
     subprocess.run([NVCC, "-ptx", *arch, str(src), "-o", str(tmp_path / "k.ptx")], check=True)
     ptx = (tmp_path / "k.ptx").read_text()
@@ -310,9 +309,8 @@ def test_rows_less_aligned_on_the_source_split_into_a_wide_body_and_a_tail(built
 def test_one_source_into_several_destinations_is_read_once_and_exact(built, unroll):
     """Draft backends of one step copy the same sources into their own buffers: one descriptor stores each unit
     to every destination (``destinations()`` says how many). Poisoned buffers, odd widths that split, every
-    byte outside the slices untouched; new sources through the attribute path (each path read once). 5 backends
-    launch with the compact parameter struct; 12 (33 extra destinations where the page table splits) with the
-    full one."""
+    byte outside the slices untouched; new sources through the attribute path (each path read once). 5 and 12
+    backends (33 extra destinations where the page table splits)."""
     from types import SimpleNamespace
 
     dev = torch.device("cuda")

@@ -54,21 +54,12 @@ struct Copy {
 };
 static_assert(sizeof(Copy) == 64, "a descriptor is one 64-byte line of the parameter space");
 
-template <int kCopies, int kExtra>
-struct LaunchParams {
-  Copy c[kCopies];
-  int64_t extra[kExtra];  // further destination addresses, in the layout of their descriptor's dst
+struct Params {
+  Copy c[kMaxCopies];
+  int64_t extra[kMaxExtra];  // further destination addresses, in the layout of their descriptor's dst
   int32_t count;
   int32_t wide;  // some descriptor needs 64-bit indices: the launch takes the kernel compiled for them
 };
-using Params = LaunchParams<kMaxCopies, kMaxExtra>;
-// A launch of few descriptors passes this smaller struct to a kernel compiled for it: the driver copies the whole
-// parameter struct into its command buffer on every launch (on an H100 host the 2.5 KiB struct cost 0.27 us a
-// launch more than a 4-byte one; benchmarks/RESULTS.md). One NSA backend is 8-10 descriptors, four draft
-// backends 8 descriptors and 24 extra destinations.
-constexpr int kCompactCopies = 12;
-constexpr int kCompactExtra = 24;
-using CompactParams = LaunchParams<kCompactCopies, kCompactExtra>;
 static_assert(sizeof(Params) <= 4096, "kernel parameters are limited to 4 KiB");
 
 // Fill `p` from a prefix of `raw[0..count)` for tiles of kThreads * unroll units; returns the number of tiles (the

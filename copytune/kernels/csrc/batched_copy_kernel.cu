@@ -5,9 +5,7 @@
 // Descriptors travel by value as one __grid_constant__ struct: no device-side table, no per-call H2D copy.
 #include "batched_copy.cuh"
 
-#include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <mutex>
 #include <type_traits>
 
@@ -93,8 +91,8 @@ __device__ __forceinline__ void copy_units(const Copy& c, const int64_t* extra, 
 
 // The block's tile of the launch: the last copy whose first tile <= `tile` (empty copies share a begin: skipped),
 // and its units by their (unit, load piece) widths.
-template <int kUnroll, typename Index, typename P>
-__device__ __forceinline__ void copy_block(const P& p, int tile) {
+template <int kUnroll, typename Index>
+__device__ __forceinline__ void copy_block(const Params& p, int tile) {
   int lo = 0, hi = p.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -117,9 +115,8 @@ __device__ __forceinline__ void copy_block(const P& p, int tile) {
 // kWide: 64-bit indices, compiled as a kernel of its own (the host launches it only for a launch holding a copy
 // that needs them): the common kernel then fits unroll 2 in 32 registers (36 before), 8 blocks of 256 per SM.
 // (Its halved code measured no time of its own; a build of only the NSA shapes ran 5% faster: probe_kernels.py.)
-// P: the parameter struct, Params or (32-bit indices only) CompactParams.
-template <int kUnroll, bool kWide, typename P>
-__global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_constant__ P p) {
+template <int kUnroll, bool kWide>
+__global__ void __launch_bounds__(kThreads) batched_copy_kernel(const __grid_constant__ Params p) {
   copy_block<kUnroll, typename std::conditional<kWide, int64_t, uint32_t>::type>(p, static_cast<int>(blockIdx.x));
 }
 
@@ -329,24 +326,17 @@ namespace {
 
 int unroll_slot(int unroll) { return unroll == 1 ? 0 : unroll == 2 ? 1 : unroll == 8 ? 3 : 2; }
 
-// The kernels by parameter struct and index width, then tile shape.
-enum Kind { kNarrow, kWideKind, kCompact, kKinds };
-
-const void* kernel_for(int kind, int unroll) {
-  static const void* const kernels[kKinds][4] = {
-      {reinterpret_cast<const void*>(&batched_copy_kernel<1, false, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<2, false, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<4, false, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<8, false, Params>)},
-      {reinterpret_cast<const void*>(&batched_copy_kernel<1, true, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<2, true, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<4, true, Params>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<8, true, Params>)},
-      {reinterpret_cast<const void*>(&batched_copy_kernel<1, false, CompactParams>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<2, false, CompactParams>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<4, false, CompactParams>),
-       reinterpret_cast<const void*>(&batched_copy_kernel<8, false, CompactParams>)}};
-  return kernels[kind][unroll_slot(unroll)];
+const void* kernel_for(bool wide, int unroll) {
+  static const void* const kernels[2][4] = {
+      {reinterpret_cast<const void*>(&batched_copy_kernel<1, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<2, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<4, false>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<8, false>)},
+      {reinterpret_cast<const void*>(&batched_copy_kernel<1, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<2, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<4, true>),
+       reinterpret_cast<const void*>(&batched_copy_kernel<8, true>)}};
+  return kernels[wide ? 1 : 0][unroll_slot(unroll)];
 }
 
 // The driver's cuLaunchKernel with the kernel's CUfunction looked up once: the runtime's cudaLaunchKernel maps its
@@ -404,10 +394,10 @@ std::atomic<int64_t> direct_launches{0}, runtime_launches{0};
 
 // The kernel's handle where the context `ctx` (an id) made it, or nullptr: another context made it, or the lookup
 // failed.
-CUfunction handle_in(const Driver& d, unsigned long long ctx, int device, int kind, int unroll) {
-  static Handle handles[kMaxDevices][kKinds][4];
+CUfunction handle_in(const Driver& d, unsigned long long ctx, int device, bool wide, int unroll) {
+  static Handle handles[kMaxDevices][2][4];
   static std::mutex filling;
-  Handle& h = handles[device][kind][unroll_slot(unroll)];
+  Handle& h = handles[device][wide ? 1 : 0][unroll_slot(unroll)];
   unsigned long long owner = h.ctx.load(std::memory_order_acquire);
   if (owner == kNoContext) {
     std::lock_guard<std::mutex> lock(filling);
@@ -415,7 +405,7 @@ CUfunction handle_in(const Driver& d, unsigned long long ctx, int device, int ki
     if (owner == kNoContext) {
       if (cudaPeekAtLastError() != cudaSuccess) return nullptr;  // somebody's pending error: not ours to clear
       cudaFunction_t fn = nullptr;
-      if (cudaGetFuncBySymbol(&fn, kernel_for(kind, unroll)) != cudaSuccess) {
+      if (cudaGetFuncBySymbol(&fn, kernel_for(wide, unroll)) != cudaSuccess) {
         cudaGetLastError();  // the lookup's own error (none was pending before it)
         return nullptr;
       }
@@ -445,24 +435,14 @@ void launch_counts(int64_t* direct, int64_t* runtime) {
 cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cudaStream_t stream, int device) {
   if (tiles == 0) return cudaSuccess;
   if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;  // gridDim.x limit; never reached by small copies
-  int extras = 0;  // extra destinations in use: each descriptor's run of them ends at extra_begin + extra_count
-  for (int e = 0; e < p.count; ++e) extras = std::max(extras, int(p.c[e].extra_begin) + int(p.c[e].extra_count));
-  const int kind = p.wide ? kWideKind : p.count <= kCompactCopies && extras <= kCompactExtra ? kCompact : kNarrow;
-  CompactParams compact;  // only what the kernel reads is filled: the rest is never read
   void* args[] = {const_cast<Params*>(&p)};
-  if (kind == kCompact) {
-    std::memcpy(compact.c, p.c, sizeof(Copy) * p.count);
-    std::memcpy(compact.extra, p.extra, sizeof(int64_t) * extras);
-    compact.count = p.count;
-    compact.wide = 0;
-    args[0] = &compact;
-  }
+  const bool wide = p.wide != 0;
   const Driver* d = driver();
   CUcontext ctx = nullptr;
   unsigned long long id = kNoContext;
   if (d != nullptr && d->launch != nullptr && device >= 0 && device < kMaxDevices &&
       d->current(&ctx) == CUDA_SUCCESS && ctx != nullptr && d->id(ctx, &id) == CUDA_SUCCESS) {
-    const CUfunction f = handle_in(*d, id, device, kind, unroll);
+    const CUfunction f = handle_in(*d, id, device, wide, unroll);
     if (f != nullptr) {
       const CUresult r = d->launch(f, static_cast<unsigned>(tiles), 1, 1, kThreads, 1, 1, 0, stream, args, nullptr);
       if (r == CUDA_SUCCESS) {
@@ -478,7 +458,7 @@ cudaError_t launch_batched_copy(const Params& p, int64_t tiles, int unroll, cuda
   runtime_launches.fetch_add(1, std::memory_order_relaxed);
   // The launch's own status: cudaGetLastError() after <<<>>> would also return an error left pending by
   // somebody else's earlier launch and blame this one for it.
-  return cudaLaunchKernel(kernel_for(kind, unroll), dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0,
+  return cudaLaunchKernel(kernel_for(wide, unroll), dim3(static_cast<unsigned>(tiles)), dim3(kThreads), args, 0,
                           stream);
 }
 
