@@ -144,6 +144,7 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     strategy = get_strategy(NAME)
     launch = strategy.bind(CopyPlan.from_pairs([(src, dst), (small_src, small_dst), (rows_src, rows_buf[:, :4096])]),
                            {"unroll": 4})
+    assert launch.batch.index_bits() == [64] and sorted(launch.batch.row_tiles()) == [0, 0, 1]
     launch()
     torch.cuda.synchronize()
     assert torch.equal(dst, src) and torch.equal(small_dst, small_src) and torch.equal(rows_buf[:, :4096], rows_src)
@@ -153,7 +154,9 @@ def test_indices_past_32_bits_take_the_64_bit_kernel_and_are_exact(built):
     # Rows of whole tiles 2^31 + 1 bytes apart: row tiles on the 32-bit kernel, the row's offset in 64 bits.
     far = big.as_strided((2, 1024), (2**31 + 1, 1), storage_offset=4096)
     far_src = torch.randint(0, 0x5A, (2, 1024), dtype=torch.uint8, device="cuda")
-    strategy.bind(CopyPlan.from_pairs([(far_src, far)]), {"unroll": 4})()
+    launch = strategy.bind(CopyPlan.from_pairs([(far_src, far)]), {"unroll": 4})
+    assert launch.batch.index_bits() == [32] and launch.batch.row_tiles() == [1]
+    launch()
     torch.cuda.synchronize()
     assert torch.equal(far, far_src)
     changed = sum(int((chunk != 0x5A).sum()) for chunk in big.split(1 << 28))

@@ -20,7 +20,7 @@ HARNESS = r"""
 #include <vector>
 // Reads steps of a batch: "count unroll", then per step `count` copies (6 values each). The first step is planned;
 // each later one patched in place where LaunchPlan::moved says it may (as BoundBatch does), else planned again.
-// Prints per step "moved|planned launches", then per launch "tiles count" and its descriptors.
+// Prints per step "moved|planned launches", then per launch "tiles count wide" and its descriptors.
 static bool read(std::vector<copytune::RawCopy>* raw) {
   for (auto& r : *raw) {
     long long v[6];
@@ -41,7 +41,7 @@ int main() {
     printf("%s %zu\n", moved ? "moved" : "planned", plan.launches());
     for (size_t k = 0; k < plan.launches(); ++k) {
       const copytune::Params& p = plan.params(k);
-      printf("%lld %d\n", (long long)plan.tiles(k), p.count);
+      printf("%lld %d %d\n", (long long)plan.tiles(k), p.count, p.wide);
       for (int e = 0; e < p.count; ++e) {
         const copytune::Copy& c = p.c[e];
         printf("%lld %lld %lld %lld %lld %lld %lld %d %d %u %d %d %d |", (long long)c.src, (long long)c.dst,
@@ -89,13 +89,14 @@ def steps(harness, raw_steps, unroll):
         k += 1
         launched = []
         for _ in range(int(count)):
-            tiles, n = map(int, out[k].split())
+            tiles, n, wide = map(int, out[k].split())
             entries = []
             for line in out[k + 1:k + 1 + n]:
                 fields, extra = line.split("|")
                 v = tuple(map(int, fields.split()))
                 entries.append(v[:9] + (tuple(map(int, extra.split())), Kernel(*v[9:])))
             assert len(entries) <= MAX_COPIES and sum(len(e[9]) for e in entries) <= MAX_EXTRA
+            assert wide == any(e[10].wide for e in entries), "the launch's index width is its descriptors'"
             launched.append((tiles, entries))
             k += 1 + n
         result.append((kind, launched))

@@ -324,6 +324,20 @@ class BoundBatch {
       for (int j = 0; j < plan_.params(k).count; ++j) out.push_back(1 + plan_.params(k).c[j].extra_count);
     return out;
   }
+  // Per descriptor, launch by launch: 1 where its tiles are per row (row tiles), 0 where flat.
+  std::vector<int64_t> row_tiles() const {
+    std::vector<int64_t> out;
+    for (size_t k = 0; k < plan_.launches(); ++k)
+      for (int j = 0; j < plan_.params(k).count; ++j) out.push_back(plan_.params(k).c[j].row_tiles);
+    return out;
+  }
+
+  // Per launch: the index width of the kernel it takes (32 or 64).
+  std::vector<int64_t> index_bits() const {
+    std::vector<int64_t> out;
+    for (size_t k = 0; k < plan_.launches(); ++k) out.push_back(plan_.params(k).wide ? 64 : 32);
+    return out;
+  }
   int64_t unroll() const { return unroll_; }
 
  private:
@@ -922,6 +936,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("vector_bytes", &copytune::BoundBatch::vector_bytes)
       .def("tiles", &copytune::BoundBatch::tiles)
       .def("destinations", &copytune::BoundBatch::destinations)
+      .def("row_tiles", &copytune::BoundBatch::row_tiles)
+      .def("index_bits", &copytune::BoundBatch::index_bits)
       .def("unroll", &copytune::BoundBatch::unroll)
       .def("fast", &copytune::fast::make);
   pybind11::class_<copytune::ExactCache>(m, "ExactCache")
