@@ -176,6 +176,14 @@ class CallSite:
         self._listening: weakref.WeakSet = weakref.WeakSet()  # dispatchers that tell this site of new winners
         self.table = None  # the winner strategy's seam table, made with the first binding that has one
         self.step = self._step
+        self._table_listeners: list[Callable[[object], None]] = []
+
+    def when_table(self, listener: Callable[[object], None]) -> None:
+        """Call ``listener(table)`` once the seam table exists (now, if it does): an engine seam can then take its
+        common step without a Python frame (``SeamTable.seam_method``)."""
+        self._table_listeners.append(listener)
+        if self.table is not None:
+            listener(self.table)
 
     def _step(self, owner_object, source, mode) -> bool:
         """``step`` without a seam table: the same bindings, the same answers (never an exception)."""
@@ -281,6 +289,8 @@ class CallSite:
             fast = self.table.fast_run()
             if fast is not None:
                 self.step = fast
+            for listener in self._table_listeners:
+                listener(self.table)
         self.table.put(owner_object, mode, source, entry.from_object)  # "" or why not: refresh serves it then
         if self.bindings.get(key) is not entry:
             self.table.drop(entry.from_object)

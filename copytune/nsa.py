@@ -304,15 +304,21 @@ class Stats:
     """Per-process counters: refreshes copytune served (``batched``: covered by an earlier launch of the same
     multi-backend step), and refreshes handed to the engine's own code, by reason."""
 
-    served: int = 0
+    served_in_python: int = 0
     batched: int = 0
     handed: Counter = field(default_factory=Counter)
+
+    @property
+    def served(self) -> int:
+        """Refreshes served: by the Python seam and by its C method (once the seam table exists)."""
+        return self.served_in_python + sum(m.served for m in _SEAM_METHODS)
 
     def line(self) -> str:
         handed = ", ".join(f"{n} {why}" for why, n in self.handed.most_common()) or "none"
         return f"copytune: {self.served} refreshes served, {self.batched} batched, handed to the engine: {handed}"
 
 
+_SEAM_METHODS: list = []  # the C seam methods made in this process (SeamTable.seam_method): their counts
 STATS = Stats()
 
 
@@ -366,7 +372,7 @@ def _serve(metadata, bs, precomputed, forward_mode) -> bool:
     if not STATS.served:
         log.info("copytune: first metadata refresh served (%s, %s)", type(metadata).__name__,
                  forward_mode_name(forward_mode))
-    STATS.served += 1
+    STATS.served_in_python += 1
     return True
 
 
@@ -375,18 +381,34 @@ SEAM_PARAMETERS = ("self", "bs", "metadata", "precomputed", "forward_mode")
 
 def _patch_seam(cls, original):
     """0.5.16+: ``_copy_base_replay_buffers`` is the copies alone. The common call — no multi-step replay in
-    flight, structure bound before — is one lookup and one C++ call; anything else takes ``_serve``."""
+    flight, structure bound before — is one lookup and one C++ call; anything else takes ``_serve``. Once the seam
+    table exists (cuda_ext), the method itself becomes the table's C method (no Python frame on a served step),
+    falling back to the same Python body."""
     if tuple(inspect.signature(original).parameters) != SEAM_PARAMETERS:
         raise Unsupported(f"{cls.__name__}.{SEAM_METHOD}{inspect.signature(original)} is not the known seam")
     site = _SITE
 
-    def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
-        if site.step(metadata, precomputed, forward_mode):  # one C call where the winner is cuda_ext
-            STATS.served += 1
-            return None
+    def unserved(self, bs, metadata, precomputed, forward_mode):
         if not _serve(metadata, bs, precomputed, forward_mode):
             return original(self, bs, metadata, precomputed, forward_mode)
         return None
+
+    def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+        if site.step(metadata, precomputed, forward_mode):  # one C call where the winner is cuda_ext
+            STATS.served_in_python += 1
+            return None
+        return unserved(self, bs, metadata, precomputed, forward_mode)
+
+    def in_c(table) -> None:
+        make = getattr(table, "seam_method", None)
+        if make is None or cls.__dict__.get(SEAM_METHOD) is not _copy_base_replay_buffers:
+            return  # a table without one (other strategies), or this patch was uninstalled or replaced
+        method = make(unserved, original)
+        if method is not None:
+            _SEAM_METHODS.append(method)  # its count stays in STATS after an uninstall
+            setattr(cls, SEAM_METHOD, method)
+
+    _copy_base_replay_buffers.copytune_in_c = in_c  # install() registers it once this method is in place
     return _copy_base_replay_buffers
 
 
@@ -437,7 +459,7 @@ def _patch_multi_kernel(_module, original):
             _hand(str(exc).split("\n")[0] if isinstance(exc, Unsupported) else type(exc).__name__, exc)
             return original(*args, **kwargs)
         step.mark(args[0], targets)
-        STATS.served += 1
+        STATS.served_in_python += 1
         return None
     return fused_metadata_copy_multi_cuda
 
@@ -573,6 +595,9 @@ def install(backend_cls: type | None = None, multistep_cls: type | None = None, 
             _set(backend_cls, capture, _patch_capture)
         if hasattr(backend_cls, SEAM_METHOD):
             _set(backend_cls, SEAM_METHOD, _patch_seam)
+            in_c = getattr(backend_cls.__dict__.get(SEAM_METHOD), "copytune_in_c", None)
+            if in_c is not None:  # now or once the seam table exists: the method in C
+                _SITE.when_table(in_c)
         elif hasattr(backend_cls, REPLAY_METHOD):
             _set(backend_cls, REPLAY_METHOD, _patch_replay)
         else:

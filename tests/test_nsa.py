@@ -246,7 +246,10 @@ def test_metadata_without_weak_references_is_pinned_and_correct(tmp_path, device
 
 def test_seam_hot_path_is_one_lookup_and_the_key_matches_the_call_site(tmp_path, device, monkeypatch):
     """The patched seam's common step is CallSite.step: after the first step binds, later steps of the same
-    structure never reach CallSite.refresh (which would mean step's key and refresh's key disagree)."""
+    structure never reach CallSite.refresh (which would mean step's key and refresh's key disagree). With cuda_ext
+    the method becomes the seam table's C method once the table exists: a served step counts there, a call with
+    keywords or one the copies refuse takes the Python body (the engine's own method for the refused one), and
+    uninstall puts the engine's method back."""
     class Backend:
         def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
             raise AssertionError("the engine's own copies ran")
@@ -255,6 +258,7 @@ def test_seam_hot_path_is_one_lookup_and_the_key_matches_the_call_site(tmp_path,
                                                                            strategy="cuda_ext"
                                                                            if device.type == "cuda" else None)})
     md, _ = make_example(4, 40, 256, device=device)
+    original = Backend.__dict__["_copy_base_replay_buffers"]
     assert nsa.install(Backend)
     try:
         refreshes = []
@@ -269,8 +273,24 @@ def test_seam_hot_path_is_one_lookup_and_the_key_matches_the_call_site(tmp_path,
             assert_same(md, want)
         fast = nsa._SITE.binding(id(md)).from_object is not None
         assert len(refreshes) == (1 if fast else 4)
+        method = Backend.__dict__["_copy_base_replay_buffers"]
+        if nsa._SITE.table is not None and hasattr(nsa._SITE.table, "seam_method"):  # cuda_ext: the method in C
+            assert type(method).__name__ == "SeamMethod" and method.__copytune__
+            served, in_c = nsa.stats().served, method.served
+            _, pre = make_example(4, 50, 256, device=device, seed=9)
+            want = clone(md)
+            nsa.reference_copy(want, pre)
+            Backend()._copy_base_replay_buffers(4, md, pre, "decode")
+            sync(device)
+            assert_same(md, want)
+            assert method.served == in_c + 1 and nsa.stats().served == served + 1
+            Backend()._copy_base_replay_buffers(4, md, pre, forward_mode="decode")  # keywords: the Python body
+            assert method.served == in_c + 1 and nsa.stats().served == served + 2
+            with pytest.raises(AssertionError, match="the engine's own copies ran"):  # handed to the engine
+                Backend()._copy_base_replay_buffers(4, md, pre, "no such mode")
     finally:
         nsa.uninstall()
+    assert Backend.__dict__["_copy_base_replay_buffers"] is original
 
 
 def test_a_seam_of_another_signature_is_left_to_the_engine(caplog):

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -903,6 +904,107 @@ pybind11::object make_seam_run(pybind11::object self) {
   return table == nullptr ? pybind11::none() : bind_entry(&kSeamRun, table, kSeamCapsule, self);
 }
 
+// The engine seam's method itself as a C object: a method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR, so the
+// engine's `self.seam(bs, metadata, precomputed, forward_mode)` calls it with `self` first and no bound-method
+// object) whose served step never enters the interpreter - the patched Python method cost 0.13-0.6 us over the C
+// step it wraps on H100 hosts (benchmarks/RESULTS.md). A step the table does not serve (another structure, a
+// multi-step replay in flight, an owner not bound yet, keyword arguments) goes to `fallback`, the patched method's
+// Python body, with the engine's arguments unchanged. Not tracked by the GC: uninstall() removes it from the class,
+// which breaks the only cycle it is part of (class -> method -> fallback -> engine module -> class).
+struct SeamMethodObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  SeamTable* table;
+  PyObject* table_owner;  // keeps `table` alive
+  PyObject* fallback;     // (self, bs, metadata, precomputed, forward_mode) -> None
+  PyObject* wrapped;      // __wrapped__: the engine's own method
+  long long served;       // steps served here (the table's step launched)
+};
+
+PyObject* seam_method_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* m = reinterpret_cast<SeamMethodObject*>(self);
+  if (kwnames == nullptr && PyVectorcall_NARGS(nargsf) == 5) {  // (self, bs, metadata, precomputed, forward_mode)
+    PyObject* r = m->table->run(args + 2, 3);                   // (owner, source, mode); never raises
+    if (r == Py_True) {
+      Py_DECREF(r);
+      ++m->served;
+      Py_RETURN_NONE;
+    }
+    if (r == nullptr) PyErr_Clear();
+    Py_XDECREF(r);
+  }
+  return PyObject_Vectorcall(m->fallback, args, nargsf, kwnames);
+}
+
+PyObject* seam_method_get(PyObject* self, PyObject* obj, PyObject* /*type*/) {
+  if (obj == nullptr || obj == Py_None) {  // looked up on the class: the descriptor itself, as a function's is
+    Py_INCREF(self);
+    return self;
+  }
+  return PyMethod_New(self, obj);
+}
+
+void seam_method_dealloc(PyObject* self) {
+  auto* m = reinterpret_cast<SeamMethodObject*>(self);
+  Py_XDECREF(m->table_owner);
+  Py_XDECREF(m->fallback);
+  Py_XDECREF(m->wrapped);
+  PyObject_Free(self);
+}
+
+PyObject* seam_method_served(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<SeamMethodObject*>(self)->served);
+}
+PyObject* seam_method_wrapped(PyObject* self, void*) {
+  PyObject* w = reinterpret_cast<SeamMethodObject*>(self)->wrapped;
+  Py_INCREF(w);
+  return w;
+}
+PyObject* seam_method_marker(PyObject*, void*) { Py_RETURN_TRUE; }
+
+PyTypeObject* seam_method_type() {
+  static PyGetSetDef getset[] = {
+      {"served", seam_method_served, nullptr, "Steps this method served in C.", nullptr},
+      {"__wrapped__", seam_method_wrapped, nullptr, "The engine's own method.", nullptr},
+      {"__copytune__", seam_method_marker, nullptr, "Patched by copytune.", nullptr},
+      {nullptr, nullptr, nullptr, nullptr, nullptr}};
+  static PyTypeObject type = [] {
+    PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+    t.tp_name = "copytune.SeamMethod";
+    t.tp_basicsize = sizeof(SeamMethodObject);
+    t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR;
+    t.tp_vectorcall_offset = offsetof(SeamMethodObject, vectorcall);
+    t.tp_call = PyVectorcall_Call;
+    t.tp_descr_get = seam_method_get;
+    t.tp_dealloc = seam_method_dealloc;
+    t.tp_getset = getset;
+    t.tp_doc = "The engine seam's method, served by copytune's seam table in C.";
+    return t;
+  }();
+  static const bool ready = PyType_Ready(&type) == 0;
+  if (!ready) PyErr_Clear();
+  return ready ? &type : nullptr;
+}
+
+// The seam method over `self` (a SeamTable); None where it cannot be made (the Python method stays).
+pybind11::object make_seam_method(pybind11::object self, pybind11::object fallback, pybind11::object wrapped) {
+  SeamTable* table = pybind11::isinstance<SeamTable>(self) ? self.cast<SeamTable*>() : nullptr;
+  PyTypeObject* type = seam_method_type();
+  if (table == nullptr || type == nullptr || !PyCallable_Check(fallback.ptr())) return pybind11::none();
+  SeamMethodObject* m = PyObject_New(SeamMethodObject, type);
+  if (m == nullptr) {
+    PyErr_Clear();
+    return pybind11::none();
+  }
+  m->vectorcall = seam_method_call;
+  m->table = table;
+  m->table_owner = self.inc_ref().ptr();
+  m->fallback = fallback.inc_ref().ptr();
+  m->wrapped = wrapped.inc_ref().ptr();
+  m->served = 0;
+  return pybind11::reinterpret_steal<pybind11::object>(reinterpret_cast<PyObject*>(m));
+}
+
 }  // namespace fast
 
 BoundBatch* SeamTable::batch_of(PyObject* launcher) {
@@ -953,7 +1055,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("clear", &copytune::SeamTable::clear)
       .def("size", &copytune::SeamTable::size)
       .def("served", &copytune::SeamTable::served)
-      .def("fast_run", &copytune::fast::make_seam_run);
+      .def("fast_run", &copytune::fast::make_seam_run)
+      .def("seam_method", &copytune::fast::make_seam_method);
   m.attr("MAX_COPIES") = copytune::kMaxCopies;
   m.attr("MAYBE_OVERLAP") = copytune::kMaybeOverlap;
 }
