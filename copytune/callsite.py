@@ -22,6 +22,7 @@ import torch
 
 from copytune.dispatch import Dispatcher, default_dispatcher
 from copytune.kernels.base import launch_error
+from copytune.log import logger as log
 
 BINDINGS_PER_OWNER = 64  # bound structures kept per set of destination objects (oldest dropped first)
 
@@ -176,14 +177,25 @@ class CallSite:
         self._listening: weakref.WeakSet = weakref.WeakSet()  # dispatchers that tell this site of new winners
         self.table = None  # the winner strategy's seam table, made with the first binding that has one
         self.step = self._step
-        self._table_listeners: list[Callable[[object], None]] = []
+        self._table_listeners: dict[object, Callable[[object], None]] = {}
 
-    def when_table(self, listener: Callable[[object], None]) -> None:
+    def when_table(self, key, listener: Callable[[object], None]) -> None:
         """Call ``listener(table)`` once the seam table exists (now, if it does): an engine seam can then take its
-        common step without a Python frame (``SeamTable.seam_method``)."""
-        self._table_listeners.append(listener)
+        common step without a Python frame (``SeamTable.seam_method``). One listener per ``key``: a later one
+        replaces it; ``forget_table_listener(key)`` drops it."""
+        self._table_listeners[key] = listener
         if self.table is not None:
+            self._tell(listener)
+
+    def forget_table_listener(self, key) -> None:
+        self._table_listeners.pop(key, None)
+
+    def _tell(self, listener: Callable[[object], None]) -> None:
+        try:
             listener(self.table)
+        except Exception:  # noqa: BLE001 - a listener's failure never costs a step or the table its entries
+            log.warning("copytune: %s: a seam-table listener failed; its seam stays in Python", self.name,
+                        exc_info=True)
 
     def _step(self, owner_object, source, mode) -> bool:
         """``step`` without a seam table: the same bindings, the same answers (never an exception)."""
@@ -289,8 +301,8 @@ class CallSite:
             fast = self.table.fast_run()
             if fast is not None:
                 self.step = fast
-            for listener in self._table_listeners:
-                listener(self.table)
+            for listener in list(self._table_listeners.values()):
+                self._tell(listener)
         self.table.put(owner_object, mode, source, entry.from_object)  # "" or why not: refresh serves it then
         if self.bindings.get(key) is not entry:
             self.table.drop(entry.from_object)

@@ -24,6 +24,7 @@ import math
 import operator
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -310,7 +311,8 @@ class Stats:
 
     @property
     def served(self) -> int:
-        """Refreshes served: by the Python seam and by its C method (once the seam table exists)."""
+        """Refreshes served: by the Python paths, and by the seams' C methods installed now (an uninstalled one's
+        count is folded into ``served_in_python``)."""
         return self.served_in_python + sum(m.served for m in _SEAM_METHODS)
 
     def line(self) -> str:
@@ -318,7 +320,8 @@ class Stats:
         return f"copytune: {self.served} refreshes served, {self.batched} batched, handed to the engine: {handed}"
 
 
-_SEAM_METHODS: list = []  # the C seam methods made in this process (SeamTable.seam_method): their counts
+_SEAM_METHODS: list = []  # the C seam methods installed now (SeamTable.seam_method): their counts are served
+_PATCH_LOCK = threading.RLock()  # a seam's switch to its C method against uninstall on another thread
 STATS = Stats()
 
 
@@ -383,30 +386,28 @@ def _patch_seam(cls, original):
     """0.5.16+: ``_copy_base_replay_buffers`` is the copies alone. The common call — no multi-step replay in
     flight, structure bound before — is one lookup and one C++ call; anything else takes ``_serve``. Once the seam
     table exists (cuda_ext), the method itself becomes the table's C method (no Python frame on a served step),
-    falling back to the same Python body."""
+    falling back to this Python method."""
     if tuple(inspect.signature(original).parameters) != SEAM_PARAMETERS:
         raise Unsupported(f"{cls.__name__}.{SEAM_METHOD}{inspect.signature(original)} is not the known seam")
     site = _SITE
-
-    def unserved(self, bs, metadata, precomputed, forward_mode):
-        if not _serve(metadata, bs, precomputed, forward_mode):
-            return original(self, bs, metadata, precomputed, forward_mode)
-        return None
 
     def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
         if site.step(metadata, precomputed, forward_mode):  # one C call where the winner is cuda_ext
             STATS.served_in_python += 1
             return None
-        return unserved(self, bs, metadata, precomputed, forward_mode)
+        if not _serve(metadata, bs, precomputed, forward_mode):
+            return original(self, bs, metadata, precomputed, forward_mode)
+        return None
 
     def in_c(table) -> None:
-        make = getattr(table, "seam_method", None)
-        if make is None or cls.__dict__.get(SEAM_METHOD) is not _copy_base_replay_buffers:
-            return  # a table without one (other strategies), or this patch was uninstalled or replaced
-        method = make(unserved, original)
-        if method is not None:
-            _SEAM_METHODS.append(method)  # its count stays in STATS after an uninstall
-            setattr(cls, SEAM_METHOD, method)
+        make = getattr(table, "seam_method", None)  # cuda_ext's table has one; it falls back to this method
+        method = None if make is None else make(_copy_base_replay_buffers, original)
+        if method is None:
+            return
+        with _PATCH_LOCK:  # only over this very patch: not after an uninstall, nor over a later install's
+            if cls.__dict__.get(SEAM_METHOD) is _copy_base_replay_buffers:
+                _SEAM_METHODS.append(method)
+                setattr(cls, SEAM_METHOD, method)
 
     _copy_base_replay_buffers.copytune_in_c = in_c  # install() registers it once this method is in place
     return _copy_base_replay_buffers
@@ -597,7 +598,7 @@ def install(backend_cls: type | None = None, multistep_cls: type | None = None, 
             _set(backend_cls, SEAM_METHOD, _patch_seam)
             in_c = getattr(backend_cls.__dict__.get(SEAM_METHOD), "copytune_in_c", None)
             if in_c is not None:  # now or once the seam table exists: the method in C
-                _SITE.when_table(in_c)
+                _SITE.when_table((backend_cls, SEAM_METHOD), in_c)
         elif hasattr(backend_cls, REPLAY_METHOD):
             _set(backend_cls, REPLAY_METHOD, _patch_replay)
         else:
@@ -635,11 +636,19 @@ def installed() -> list[str]:
 
 
 def uninstall(owner_to_undo=None) -> None:
-    """Undo ``install`` (on one class or module only, if given)."""
-    for (owner, name), original in list(_installed.items()):
-        if owner_to_undo is None or owner is owner_to_undo:
-            setattr(owner, name, original)
-            del _installed[(owner, name)]
+    """Undo ``install`` (on one class or module only, if given). A seam's C method goes too; its count stays."""
+    with _PATCH_LOCK:
+        for (owner, name), original in list(_installed.items()):
+            if owner_to_undo is None or owner is owner_to_undo:
+                current = owner.__dict__.get(name) if isinstance(owner, type) else None
+                for k, method in enumerate(_SEAM_METHODS):
+                    if method is current:
+                        STATS.served_in_python += method.served
+                        del _SEAM_METHODS[k]
+                        break
+                setattr(owner, name, original)
+                del _installed[(owner, name)]
+                _SITE.forget_table_listener((owner, name))
 
 
 def _engine_classes():

@@ -3,6 +3,7 @@ forgets. On CPU through a strategy with a Python seam table that follows cuda_ex
 cuda_ext's C++ table itself (the same assertions)."""
 
 import gc
+import types
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ class PySeamTable:
     def served(self):
         return self.count
 
+    def seam_method(self, fallback, wrapped):
+        return PySeamMethod(self.fast_run(), fallback, wrapped)
+
     def fast_run(self):
         def run(owner, source, mode):
             if self.step_var is not None and self.step_var.get() is not None:
@@ -62,6 +66,25 @@ class PySeamTable:
             self.count += 1
             return True
         return run
+
+
+class PySeamMethod:
+    """cuda_ext's SeamMethod in Python: a method whose positional (self, bs, metadata, precomputed, mode) call is
+    the table's step, counted here; anything else the fallback's (the patched Python method)."""
+
+    __copytune__ = True
+
+    def __init__(self, run, fallback, wrapped):
+        self.run, self.fallback, self.__wrapped__, self.served = run, fallback, wrapped, 0
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __call__(self, *args, **kwargs):
+        if not kwargs and len(args) == 5 and self.run(*args[2:]):
+            self.served += 1
+            return None
+        return self.fallback(*args, **kwargs)
 
 
 class SeamLaunch(BoundLaunch):
@@ -309,8 +332,63 @@ def test_the_patched_seam_counts_each_step_it_serves_once(cpu_site):
             Backend()._copy_base_replay_buffers(4, md, pre, "decode")
         assert site.table.served() == 3  # the first step bound, the others were the table's
         assert nsa.stats().served - served == 4
+        method = Backend.__dict__["_copy_base_replay_buffers"]
+        assert isinstance(method, PySeamMethod) and method.served == 3  # the first step made the table: 2-4 its
+        Backend()._copy_base_replay_buffers(4, md, pre, forward_mode="decode")  # keywords: the Python method
+        assert method.served == 3 and site.table.served() == 4 and nsa.stats().served - served == 5
     finally:
         nsa.uninstall()
+    assert "_copy_base_replay_buffers" in Backend.__dict__ and \
+        not isinstance(Backend.__dict__["_copy_base_replay_buffers"], PySeamMethod)
+    assert nsa.stats().served - served == 5 and not nsa._SEAM_METHODS  # the count stays, the method goes
+    assert nsa.install(Backend)  # the table exists already: the method is the table's at once
+    try:
+        assert isinstance(Backend.__dict__["_copy_base_replay_buffers"], PySeamMethod)
+        Backend()._copy_base_replay_buffers(4, md, pre, "decode")
+        assert nsa.stats().served - served == 6
+    finally:
+        nsa.uninstall()
+
+
+def test_a_failing_seam_method_leaves_the_python_seam_serving(cpu_site, monkeypatch, caplog):
+    """A table whose seam method cannot be made (raises): one warning, the Python method stays and serves, and the
+    table keeps its entries."""
+    site, _ = cpu_site
+
+    class Backend:
+        def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+            raise AssertionError("the engine's own copies ran")
+
+    monkeypatch.setattr(PySeamTable, "seam_method", lambda self, fallback, wrapped: 1 / 0)
+    md, pre = nsa.make_example(4, 40, 128)
+    assert nsa.install(Backend)
+    try:
+        with caplog.at_level("WARNING", logger="copytune"):
+            for _ in range(3):
+                Backend()._copy_base_replay_buffers(4, md, pre, "decode")
+        assert "seam-table listener failed" in caplog.text
+        assert not isinstance(Backend.__dict__["_copy_base_replay_buffers"], PySeamMethod)
+        assert site.table.size() == 1 and site.table.served() == 2
+    finally:
+        nsa.uninstall()
+
+
+def test_an_uninstall_before_the_switch_is_never_undone_by_it(cpu_site):
+    """The switch to the table's method checks, under the install lock, that its own patch is still in place: a
+    listener of an uninstalled patch (still registered somewhere) changes nothing."""
+    site, _ = cpu_site
+
+    class Backend:
+        def _copy_base_replay_buffers(self, bs, metadata, precomputed, forward_mode):
+            return "engine"
+
+    assert nsa.install(Backend)
+    in_c = Backend.__dict__["_copy_base_replay_buffers"].copytune_in_c
+    nsa.uninstall()
+    md, pre = nsa.make_example(4, 40, 128)
+    nsa.batched_copy_metadata(md, pre)  # the table now exists
+    in_c(site.table)
+    assert Backend()._copy_base_replay_buffers(4, md, pre, "decode") == "engine" and not nsa._SEAM_METHODS
 
 
 def test_a_call_with_its_own_dispatcher_never_takes_the_default_step(cpu_site, tmp_path, monkeypatch):

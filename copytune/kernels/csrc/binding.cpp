@@ -908,9 +908,10 @@ pybind11::object make_seam_run(pybind11::object self) {
 // engine's `self.seam(bs, metadata, precomputed, forward_mode)` calls it with `self` first and no bound-method
 // object) whose served step never enters the interpreter - the patched Python method cost 0.13-0.6 us over the C
 // step it wraps on H100 hosts (benchmarks/RESULTS.md). A step the table does not serve (another structure, a
-// multi-step replay in flight, an owner not bound yet, keyword arguments) goes to `fallback`, the patched method's
-// Python body, with the engine's arguments unchanged. Not tracked by the GC: uninstall() removes it from the class,
-// which breaks the only cycle it is part of (class -> method -> fallback -> engine module -> class).
+// multi-step replay in flight, an owner not bound yet, keyword arguments) goes to `fallback`, the patched Python
+// method, with the engine's arguments unchanged. Not tracked by the GC: it lives as long as the class holds it
+// (copytune.nsa keeps it only while installed; uninstall() puts the engine's method back). It has no __name__ or
+// __doc__ of its own: __wrapped__ is the engine's method.
 struct SeamMethodObject {
   PyObject_HEAD
   vectorcallfunc vectorcall;
