@@ -157,13 +157,14 @@ void describe(const RawCopy& r, int vec, int load, int64_t tile_units, int64_t* 
   // Row tiles (each row its own tiles) where they add at most 1/8 more tiles than flat ones, so a thread forms
   // only an index within its row (< 2^31 load pieces: the 32-bit kernel, whatever the strides).
   const int64_t chunks = (c->cols + tile_units - 1) / tile_units;
-  c->row_tiles = c->n > 0 && c->cols != c->n && 8 * r.rows * chunks <= 9 * flat_tiles && (c->cols << (vec - load)) <= INT32_MAX;
-  // 32-bit indices when every index the kernel forms fits: one past the last load piece and the last unit (a
-  // source's rows may overlap: an expanded tensor has row stride 0)
-  const int64_t last_row = c->cols != c->n && !c->row_tiles ? c->n / c->cols - 1 : 0;
+  c->row_tiles = c->n > 0 && c->cols != c->n && 8 * r.rows * chunks <= 9 * flat_tiles &&
+                 (c->cols << (vec - load)) <= INT32_MAX;
+  // Flat tiles take 32-bit indices when every index the kernel forms fits: one past the last load piece and the
+  // last unit (a source's rows may overlap: an expanded tensor has row stride 0)
+  const int64_t last_row = c->cols != c->n ? c->n / c->cols - 1 : 0;
   const int64_t src_reach = last_row * c->src_stride + (c->cols << (vec - load));
   const int64_t dst_reach = last_row * c->dst_stride + c->cols;
-  c->wide = !(c->n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX) && !c->row_tiles;
+  c->wide = !c->row_tiles && !(c->n <= INT32_MAX && src_reach <= INT32_MAX && dst_reach <= INT32_MAX);
   fast_divisor(c->row_tiles ? chunks : c->wide ? 1 : c->cols, &c->cols_mul, &c->cols_shr);
   c->tile_begin = static_cast<int32_t>(*tiles);  // launch_batched_copy refuses grids past 2^31 - 1 tiles
   *tiles += c->row_tiles ? r.rows * chunks : flat_tiles;
